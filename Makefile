@@ -1,0 +1,39 @@
+# captioner — common tasks. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+# torch and torchvision are installed first and pinned as a pair: torch==2.14.1 + torchvision==0.29.1 is the pair
+# served offline on our build machines and CI, and timm needs a torchvision built for the same torch (the CPU
+# wheel torch 2.13.0 found there cannot import timm: "operator torchvision::nms does not exist").
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the suite with dev extras
+
+test: $(VENV)/.installed ## run the test suite (offline, CPU; slow tests excluded)
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed ## run every test, slow ones included
+	$(PY) -m pytest -q -m ''
+
+inspect: $(VENV)/.installed ## dataset statistics for the default dataset (data=shapes)
+	$(PY) -m captioner.inspect
+
+prepare: $(VENV)/.installed ## generate the shapes world and cache its EfficientNet-Lite0 features
+	$(PY) -m captioner.prepare data=shapes encoder=efficientnet_lite0
+
+clean: ## remove generated data, caches and run outputs (keeps .venv)
+	rm -rf data/cache data/shapes outputs multirun
+
+.PHONY: help install test test-all inspect prepare clean

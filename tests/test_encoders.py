@@ -1,0 +1,81 @@
+"""Frozen encoder adapter and weight sources (offline: the hub is unreachable, local files and the package work)."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from captioner.encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder, build_transform, create_trunk
+
+
+def test_packaged_efficientnet_classifies_real_photos():
+    """The package's weights, renamed into timm, must be the real ImageNet weights: check on public-domain photos."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from captioner.encoders import _packaged_weights_file, rename_efficientnet_pytorch_keys
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(_packaged_weights_file("tf_efficientnet_lite0"), weights_only=True)
+    model.load_state_dict(rename_efficientnet_pytorch_keys(state, model), strict=True)
+    model.eval()
+    info = timm.data.ImageNetInfo()
+    transform = build_transform(model, EncoderSpec())
+    expected = {"chelsea": {"tabby, tabby cat", "tiger cat", "Egyptian cat"}, "coffee": {"espresso", "cup"}}
+    for name, labels in expected.items():
+        image = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+        with torch.no_grad():
+            top = model(transform(image)[None]).argmax(-1).item()
+        assert info.index_to_description(top) in labels, (name, info.index_to_description(top))
+
+
+def test_efficientnet_adapter_outputs_pooled_and_grid(lite0):
+    assert lite0.dim == 1280 and lite0.grid == (7, 7)
+    with torch.inference_mode():
+        pooled, spatial = lite0(torch.randn(2, 3, 224, 224))
+    assert pooled.shape == (2, 1280) and spatial.shape == (2, 49, 1280)
+    # the pooled vector is the mean of the grid (timm's avg pool head)
+    torch.testing.assert_close(pooled, spatial.mean(1), atol=1e-4, rtol=1e-4)
+    lite0.train()
+    assert not lite0.training and not any(p.requires_grad for p in lite0.parameters())
+
+
+def test_dinov2_local_file_in_hub_format_resamples_pos_embed(tmp_path):
+    """A DINOv2 state dict as the hub ships it (518 px: 37x37+1 position embeddings) loads at 224 px."""
+    hub_model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
+    assert hub_model.pos_embed.shape[1] == 37 * 37 + 1
+    path = tmp_path / "dinov2_vits14.pth"
+    torch.save(hub_model.state_dict(), path)
+    enc = FrozenEncoder(EncoderSpec(name="dinov2_vits14", weights=str(path), input_size=224))
+    assert enc.grid == (16, 16) and enc.trunk.pos_embed.shape[1] == 16 * 16 + 1
+    torch.testing.assert_close(enc.trunk.blocks[5].attn.qkv.weight, hub_model.blocks[5].attn.qkv.weight)
+    # transforms resolved for 224, not the 518 of DINOv2's default config
+    assert "224" in repr(enc.transform()) and "518" not in repr(enc.transform())
+    with torch.inference_mode():
+        pooled, spatial = enc(torch.randn(1, 3, 224, 224))
+    assert pooled.shape == (1, 384) and spatial.shape == (1, 256, 384)  # CLS / patch tokens without prefix
+
+
+def test_local_file_of_wrong_architecture_is_refused_with_keys(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), path)
+    with pytest.raises(EncoderWeightsError, match=r"missing keys.*conv1\.weight|shape mismatches") as e:
+        create_trunk(EncoderSpec(name="resnet50", weights=str(path)))
+    assert str(path) in str(e.value)
+    with pytest.raises(EncoderWeightsError, match="no such file"):
+        create_trunk(EncoderSpec(name="resnet50", weights=str(tmp_path / "absent.pth")))
+
+
+def test_hub_unreachable_gives_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderWeightsError, match=r"encoder\.weights=/path/to/"):
+        create_trunk(EncoderSpec(name="resnet50", weights="hub"))
+
+
+def test_random_weights_only_when_asked_and_warned():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        a = create_trunk(EncoderSpec(name="efficientnet_lite0", weights="none"))
+    with pytest.warns(UserWarning):
+        b = create_trunk(EncoderSpec(name="efficientnet_lite0", weights="none"))
+    torch.testing.assert_close(a.conv_stem.weight, b.conv_stem.weight)  # seeded: features stay cacheable
+    with pytest.raises(ValueError, match="encoder.name"):
+        EncoderSpec(name="resnet5000")
