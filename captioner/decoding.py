@@ -1,0 +1,166 @@
+"""Caption generation for any decoder implementing the interface of `captioner.decoders`
+(`init_state(features) -> state`, `step(tokens, state) -> (logits, state)`), batched over images.
+
+  greedy_decode(decoder, features, max_len=30)             argmax word by word, all images together
+  beam_search(decoder, features, beam_size=3, max_len=30)  B images x K beams as B*K rows of one step call
+
+Both return one list of word ids per image, without `<sos>`/`<eos>`/`<pad>`, at most `max_len` words, and with
+`return_scores=True` also each caption's score (sum of log-probabilities; for beam search divided by the length
+penalty when one is set). They run under `torch.inference_mode()`, on the features' device, and under
+`torch.autocast` (log-softmax and scores are float32). They do not change the decoder's train/eval mode: call
+`decoder.eval()` first, or dropout will sample.
+
+`<sos>` and `<pad>` are never generated (they are never training targets, so any probability the model gives
+them is noise), and `<eos>` is not allowed before `min_len` words.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .data.vocabulary import Vocabulary
+
+SOS, EOS, PAD = Vocabulary.sos_id, Vocabulary.eos_id, Vocabulary.pad_id
+
+
+def _next_log_probs(
+    decoder: nn.Module, tokens: Tensor, state: dict, n_words: int, min_len: int, sos_id: int, eos_id: int, pad_id: int
+) -> tuple[Tensor, dict]:
+    """One decoder step -> float32 log-probabilities (N, V) of the next word with the banned words at -inf.
+
+    Banned words are masked after the log-softmax, not before, so that scores stay the model's own
+    log-probabilities of the sequence (masking first would renormalise over the allowed words).
+    """
+    logits, state = decoder.step(tokens, state)
+    logp = logits.float().log_softmax(dim=-1)
+    banned = [sos_id, pad_id] + ([eos_id] if n_words < min_len else [])
+    logp[:, banned] = float("-inf")
+    return logp, state
+
+
+def _to_lists(seqs: Tensor, sos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
+    """(N, max_len) ids -> lists cut at the first <eos>, with no special ids left."""
+    out = []
+    for row in seqs.tolist():
+        words = []
+        for i in row:
+            if i == eos_id:
+                break
+            if i not in (sos_id, pad_id):
+                words.append(i)
+        out.append(words)
+    return out
+
+
+@torch.inference_mode()
+def greedy_decode(
+    decoder: nn.Module,
+    features: Tensor,
+    max_len: int = 30,
+    sos_id: int = SOS,
+    eos_id: int = EOS,
+    *,
+    min_len: int = 0,
+    pad_id: int = PAD,
+    return_scores: bool = False,
+):
+    """Most probable next word at every step, for the whole batch at once; stops when every caption has ended."""
+    B, device = features.shape[0], features.device
+    state = decoder.init_state(features)
+    tokens = torch.full((B,), sos_id, dtype=torch.long, device=device)
+    seqs = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
+    scores = torch.zeros(B, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_len):
+        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id)
+        best, tokens = logp.max(dim=-1)
+        scores += best.masked_fill(finished, 0.0)
+        tokens = tokens.masked_fill(finished, pad_id)  # ended captions only get padding (never read back)
+        seqs[:, t] = tokens
+        finished |= tokens == eos_id
+        if finished.all():
+            break
+    ids = _to_lists(seqs, sos_id, eos_id, pad_id)
+    return (ids, scores.tolist()) if return_scores else ids
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: nn.Module,
+    features: Tensor,
+    beam_size: int = 3,
+    max_len: int = 30,
+    min_len: int = 1,
+    length_penalty: float = 0.0,
+    sos_id: int = SOS,
+    eos_id: int = EOS,
+    pad_id: int = PAD,
+    return_scores: bool = False,
+):
+    """Batched beam search: the most probable caption of each image found by keeping `beam_size` prefixes.
+
+    Each step expands every live beam by every word and keeps the K best candidates of each image. A
+    candidate ending in `<eos>` is finished: it leaves the beam (its slot is refilled at the next step) and
+    competes for the image's answer with score / ((5 + n_words) / 6) ** length_penalty (GNMT; 0 = plain sum
+    of log-probabilities, which favours short captions). An image is done when none of its live beams can still
+    beat its best finished caption; if nothing ever finished by `max_len`, the best live beam is the answer.
+    With beam_size=1 this is exactly `greedy_decode` (same min_len).
+    """
+    B, K, device = features.shape[0], beam_size, features.device
+    NEG = float("-inf")
+
+    def penalty(n_words: int) -> float:
+        return ((5.0 + n_words) / 6.0) ** length_penalty
+
+    # Row b*K + k is beam k of image b, everywhere: state, tokens, seqs.
+    state = {name: x.repeat_interleave(K, dim=0) for name, x in decoder.init_state(features).items()}
+    tokens = torch.full((B * K,), sos_id, dtype=torch.long, device=device)
+    seqs = torch.full((B * K, max_len), pad_id, dtype=torch.long, device=device)
+    # At the start the K beams of an image are the same <sos>: only one is live, or the top-K of the first step
+    # would be K copies of the same word.
+    scores = torch.full((B, K), NEG, device=device)
+    scores[:, 0] = 0.0
+    best = torch.full((B,), NEG, device=device)  # best finished hypothesis per image, length-penalised
+    best_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
+    first_row = torch.arange(B, device=device)[:, None] * K  # (B, 1)
+    images = torch.arange(B, device=device)
+
+    steps = 0
+    for t in range(max_len):  # t = words in each live beam before this step
+        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id)
+        V = logp.shape[-1]
+        # All K*V continuations of an image side by side; flat index i = beam * V + word.
+        top, idx = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=1)
+        word = idx % V
+        src = (first_row + idx // V).view(-1)  # the row each new beam continues (integer division: `//`)
+        seqs = seqs.index_select(0, src)
+        seqs[:, t] = word.view(-1)
+        state = {name: x.index_select(0, src) for name, x in state.items()}
+        tokens = word.view(-1)
+        steps = t + 1
+
+        # Candidates ending in <eos> are finished (t words); keep each image's best by the penalised score.
+        # isfinite: a dead beam (score -inf) can be picked when fewer than K candidates are live.
+        ended = (word == eos_id) & torch.isfinite(top)
+        ranked = torch.where(ended, top / penalty(t), NEG)
+        r_best, r_arg = ranked.max(dim=1)
+        better = r_best > best  # strict: among equals the earliest (shortest) hypothesis stays
+        best = torch.where(better, r_best, best)
+        best_seq = torch.where(better[:, None], seqs.view(B, K, max_len)[images, r_arg], best_seq)
+        scores = top.masked_fill(ended, NEG)  # finished beams are no longer extended
+
+        # Log-probabilities are <= 0, so a live beam's score only falls; the penalty divisor grows (alpha > 0)
+        # at most to penalty(max_len). Once the best finished caption beats that bound for every image, stop.
+        bound = scores.max(dim=1).values / max(penalty(t + 1), penalty(max_len))
+        if bool((best >= bound).all()):
+            break
+
+    # Fallback where no beam ever emitted <eos> (e.g. an untrained model): the best live beam, at max length.
+    live_score, live_arg = scores.max(dim=1)
+    none_finished = best == NEG
+    best_seq = torch.where(none_finished[:, None], seqs.view(B, K, max_len)[images, live_arg], best_seq)
+    best = torch.where(none_finished, live_score / penalty(steps), best)
+
+    ids = _to_lists(best_seq, sos_id, eos_id, pad_id)
+    return (ids, best.tolist()) if return_scores else ids

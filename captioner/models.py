@@ -1,0 +1,179 @@
+"""LightningModules: one per model family, wrapping a swappable decoder over cached encoder features.
+
+- `RecurrentCaptioner` (variants 1-4): a pooled image vector into an RNN/LSTM decoder;
+- `AttentionCaptioner` (variant 5): spatial tokens into the transformer decoder (whose cross-attention maps
+  can be shown).
+Both share one step for train/val/test: teacher-forced cross-entropy ignoring padding; validation and test also
+decode for real (greedy by default; beam search with `decode.beam_size>1`) and score against all references.
+The checkpoint carries everything needed to caption new images later: vocabulary, decoder config, encoder spec
+(name, weights source, input size, transform settings). Hyper-parameters are plain data (no module objects).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.vocabulary import Vocabulary
+from .decoders import build_decoder
+from .decoding import beam_search, greedy_decode
+from .metrics import bleu_metrics
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.05) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay to `min_ratio`."""
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+class Captioner(L.LightningModule):
+    family = "base"
+
+    def __init__(
+        self,
+        vocab: Mapping[str, Any],
+        decoder: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        model_name: str = "captioner",
+        feature_dim: int = 1280,
+        grid: tuple[int, int] = (7, 7),
+        optimizer: Callable | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        decode: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # module objects (optimizer partial) stay out of the checkpoint's hyper-parameters
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.vocab = Vocabulary.from_dict(dict(vocab))
+        self.optimizer_factory = optimizer
+        dec_cfg = dict(decoder)
+        extra = {"grid": tuple(grid)} if dec_cfg.get("name") == "transformer" else {}
+        self.decoder = build_decoder(**dec_cfg, vocab_size=len(self.vocab), feature_dim=feature_dim, **extra)
+        self.decode_cfg = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, **dict(decode or {})}
+        self.val_bleu = nn.ModuleDict(bleu_metrics())
+        self.eval_outputs: list[dict] = []
+        self.test_results: dict = {}
+        self.test_predictions: list[dict] = []
+
+    # -- the shared step ------------------------------------------------------------------------------------
+    def caption_loss(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(features, captions)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), captions[:, 1:].reshape(-1),
+                               ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
+
+    def generate(self, features: torch.Tensor, **overrides) -> list[str]:
+        cfg = {**self.decode_cfg, **overrides}
+        common = dict(max_len=cfg["max_len"], sos_id=self.vocab.sos_id, eos_id=self.vocab.eos_id)
+        if cfg["beam_size"] > 1:
+            ids = beam_search(self.decoder, features, beam_size=cfg["beam_size"], min_len=cfg["min_len"],
+                              length_penalty=cfg["length_penalty"], pad_id=self.vocab.pad_id, **common)
+        else:
+            ids = greedy_decode(self.decoder, features, **common)
+        return [self.vocab.decode(x) for x in ids]
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        features = batch["features"]
+        if stage == "train":
+            loss = self.caption_loss(features, batch["captions"])
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(features))
+            return loss
+        # eval batches hold each image once; its references are expanded here for the loss
+        loss = self.caption_loss(features[batch["caption_image"]], batch["captions"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(batch["captions"]))
+        hypotheses = self.generate(features)
+        if stage == "val":
+            for metric in self.val_bleu.values():
+                metric.update(hypotheses, batch["references"])
+        self.eval_outputs.extend(
+            {"index": int(i), "hypothesis": h, "references": r}
+            for i, h, r in zip(batch["index"].tolist(), hypotheses, batch["references"]))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    # -- epoch ends -----------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.eval_outputs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_bleu.items():
+            self.log(f"val/{name}", metric.compute(), prog_bar=name == "bleu_4")
+            metric.reset()
+        semantic = self._semantic("val")
+        for name, value in semantic.items():
+            self.log(f"val/{name}", value)
+
+    def on_test_epoch_end(self) -> None:
+        from .metrics import caption_metrics
+
+        outs = sorted(self.eval_outputs, key=lambda o: o["index"])
+        self.eval_outputs = outs
+        results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs])
+        results.update(self._semantic("test"))
+        self.test_results, self.test_predictions = results, outs
+        for name, value in results.items():
+            if value is not None:
+                self.log(f"test/{name}", float(value))
+
+    def _semantic(self, split: str) -> dict[str, float]:
+        """Shapes world only: is the caption RIGHT (objects, sizes, relations), not just well-worded."""
+        dm = getattr(self.trainer, "datamodule", None)
+        scenes = dm.scenes(split) if dm is not None else None
+        if not scenes or not self.eval_outputs:
+            return {}
+        from .data.shapes import score_captions
+
+        outs = self.eval_outputs
+        return score_captions([o["hypothesis"] for o in outs], [scenes[o["index"]] for o in outs])
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        optimizer = factory(params=[p for p in self.parameters() if p.requires_grad])
+        sched = dict(self.hparams.scheduler or {})
+        if not sched or sched.get("name", "warmup_cosine") == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(sched.get("warmup_fraction", 0.05) * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total, warmup, sched.get("min_ratio", 0.05)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class RecurrentCaptioner(Captioner):
+    """Variants 1-4: pooled vector -> RNN / LSTM (image as first step or as initial state)."""
+
+    family = "recurrent"
+
+
+class AttentionCaptioner(Captioner):
+    """Variant 5: spatial tokens -> self-attention encoder -> masked self-attention + cross-attention decoder."""
+
+    family = "attention"
+
+
+FAMILIES = {"recurrent": RecurrentCaptioner, "attention": AttentionCaptioner}

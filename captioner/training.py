@@ -1,0 +1,156 @@
+"""`train(cfg)`: what `python train.py` does — seed, build data + model from the composed config, fit, test the
+best checkpoint, write `metrics.json` into the run directory, and return the metric a sweeper optimises."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data.datamodule import CaptionDataModule
+from .models import FAMILIES
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the config keys and the fix."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    family, feature = cfg.model.family, cfg.decoder.feature
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family} is not one of {', '.join(FAMILIES)}")
+    if (family == "attention") != (feature == "spatial"):
+        raise ConfigError(
+            f"model.family={family} cannot use decoder={cfg.decoder.name} (it consumes {feature} features); "
+            "use decoder=transformer for the attention family and rnn/lstm/lstm_init for the recurrent one")
+    if cfg.attention.name != "none" and feature != "spatial":
+        raise ConfigError(
+            f"attention={cfg.attention.name} attends over spatial tokens, but decoder={cfg.decoder.name} consumes "
+            "a pooled vector; use attention=none, or model=dino_attention / decoder=transformer")
+
+
+def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
+    return CaptionDataModule(
+        data=OmegaConf.to_container(cfg.data, resolve=True),
+        encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
+        cache_dir=cfg.paths.cache_dir, feature=cfg.decoder.feature,
+        batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers, min_word_count=cfg.text.min_word_count, max_length=cfg.text.max_length,
+        extraction={"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers,
+                    "device": "cuda" if cfg.features.device == "auto" and torch.cuda.is_available()
+                    else ("cpu" if cfg.features.device == "auto" else cfg.features.device)},
+        vocab=vocab)
+
+
+def build_model(cfg: DictConfig, dm: CaptionDataModule):
+    decoder = {k: v for k, v in OmegaConf.to_container(cfg.decoder, resolve=True).items() if k != "feature"}
+    return FAMILIES[cfg.model.family](
+        vocab=dm.vocab.to_dict(), decoder=decoder, encoder=dm.encoder_spec.to_dict(), model_name=cfg.model.name,
+        feature_dim=dm.feature_dim, grid=tuple(dm.grid), optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler), label_smoothing=cfg.label_smoothing,
+        decode=OmegaConf.to_container(cfg.decode))
+
+
+def _instantiate_all(node) -> list:
+    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> float:
+    check_config(cfg)
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) if \
+        hydra.core.hydra_config.HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if "offline" in str(cfg.run_name):
+        log.info("experiment=shapes_offline: %s runs with the packaged EfficientNet-Lite0 in place of its own "
+                 "encoder (%s features)", cfg.model.name, cfg.decoder.feature)
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(cfg, dm)
+    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - t0
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+    test = model.test_results
+
+    best_score = checkpoint.best_model_score if checkpoint is not None else None
+    metrics = {
+        "model": cfg.model.name, "run_name": cfg.run_name, "family": cfg.model.family,
+        "encoder": dm.encoder_spec.name, "encoder_weights": str(dm.encoder_spec.weights),
+        "decoder": cfg.decoder.name, "attention": cfg.attention.name, "data": cfg.data.name,
+        "test": test,
+        "best_val_bleu_4": float(best_score) if best_score is not None else None,
+        "best_epoch": _epoch_of(best), "epochs": trainer.current_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "params_trainable": model.num_trainable_parameters(),
+        "best_checkpoint": best, "run_dir": str(run_dir), "seed": cfg.seed,
+        "data_stats": {k: v for k, v in dm.stats.items()},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
+    for lg in loggers:
+        lg.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
+        _log_samples(lg, dm, model.test_predictions)
+    log.info("done: %s | test BLEU-4 %.3f | CIDEr %.3f | run dir %s", cfg.run_name, test["bleu_4"], test["cider"],
+             run_dir)
+    print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f}, CIDEr {test['cider']:.3f} -> {run_dir}")
+    value = metrics["best_val_bleu_4"]
+    return float(value) if value is not None and math.isfinite(value) else 0.0
+
+
+def _epoch_of(path: str | None) -> int | None:
+    if not path:
+        return None
+    import re
+
+    m = re.search(r"epoch(\d+)", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _write_predictions(path: Path, dm: CaptionDataModule, predictions: list[dict]) -> None:
+    records = dm.records["test"]
+    with open(path, "w") as f:
+        for p in predictions:
+            f.write(json.dumps({"image": records[p["index"]].key, "hypothesis": p["hypothesis"],
+                                "references": p["references"]}) + "\n")
+
+
+def _log_samples(logger, dm: CaptionDataModule, predictions: list[dict], n: int = 16) -> None:
+    """A W&B table of test images with their references and the generated caption."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or not predictions:
+        return
+    try:
+        import wandb
+
+        records = dm.records["test"]
+        rows = [[wandb.Image(str(records[p["index"]].image)), " | ".join(p["references"]), p["hypothesis"]]
+                for p in predictions[:n]]
+        logger.log_table(key="test/samples", columns=["image", "references", "generated"], data=rows)
+    except Exception as e:  # a logging hiccup must not fail a finished run
+        log.warning("could not log the sample table to W&B: %s", e)

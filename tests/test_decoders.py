@@ -1,0 +1,188 @@
+"""Tests of the word decoders (captioner.decoders): one interface, checked for every decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.data.vocabulary import Vocabulary
+from captioner.decoders import DECODERS, LSTMInitDecoder, TransformerDecoder, build_decoder
+from captioner.decoding import greedy_decode
+
+PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
+V, D, GRID = 24, 32, (2, 3)  # 4 specials + 20 words; a 2x3 grid of 32-dim image tokens
+NAMES = list(DECODERS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation, which turns pathological (tens of ms
+    per op) when the CPU is shared with another busy process. One thread is faster and predictable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(name: str, **kwargs) -> torch.nn.Module:
+    extra = {"grid": GRID} if name == "transformer" else {}
+    return build_decoder(name, vocab_size=V, feature_dim=D, **extra, **kwargs)
+
+
+def features(decoder, B: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, D) if decoder.feature == "pooled" else (B, GRID[0] * GRID[1], D)
+    return torch.randn(shape, generator=g)
+
+
+def captions(lengths: list[int], L: int, seed: int = 0) -> torch.Tensor:
+    """<sos> w1..wn <eos> <pad>.. for each length n, as one (B, L) batch."""
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.full((len(lengths), L), PAD, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        caps[i, 0], caps[i, n + 1] = SOS, EOS
+        caps[i, 1 : n + 1] = torch.randint(4, V, (n,), generator=g)
+    return caps
+
+
+def stepwise(decoder, feats: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Teacher tokens fed one at a time through init_state/step -> (B, L-1, V)."""
+    state, out = decoder.init_state(feats), []
+    for t in range(caps.shape[1] - 1):
+        logits, state = decoder.step(caps[:, t], state)
+        out.append(logits)
+    return torch.stack(out, dim=1)
+
+
+def test_registry_and_unknown_name():
+    assert set(DECODERS) == {"rnn", "lstm", "lstm_init", "transformer"}
+    with pytest.raises(ValueError, match=r"decoder\.name.*rnn, lstm, lstm_init, transformer"):
+        build_decoder("gru", vocab_size=V, feature_dim=D)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_state(name):
+    torch.manual_seed(0)
+    dec = make(name)
+    assert dec.feature == ("spatial" if name == "transformer" else "pooled")
+    feats, caps = features(dec, 3), captions([2, 5, 0], L=8)
+    assert dec(feats, caps).shape == (3, 7, V)
+    state = dec.init_state(feats)
+    assert state and all(x.shape[0] == 3 for x in state.values())
+    logits, state = dec.step(caps[:, 0], state)
+    assert logits.shape == (3, V) and all(x.shape[0] == 3 for x in state.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_never_reaches_valid_positions(name):
+    torch.manual_seed(0)
+    dec = make(name).eval()
+    feats, caps = features(dec, 4), captions([1, 3, 6, 4], L=9)
+    junk = caps.clone()
+    after_eos = torch.cumsum(caps == EOS, dim=1).bool() & (caps != EOS)
+    junk[after_eos] = torch.randint(4, V, (int(after_eos.sum()),))
+    valid = caps[:, 1:] != PAD  # positions whose target is a word or <eos>
+    a, b = dec(feats, caps), dec(feats, junk)
+    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[~valid], b[~valid])  # the junk did change something: the test has teeth
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_equals_teacher_forcing(name):
+    torch.manual_seed(0)
+    dec = make(name, num_layers=2) if name != "transformer" else make(name)
+    dec.eval()
+    feats, caps = features(dec, 4), captions([1, 3, 6, 4], L=9)
+    with torch.no_grad():
+        torch.testing.assert_close(stepwise(dec, feats, caps), dec(feats, caps), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_changes_first_word(name):
+    torch.manual_seed(0)
+    dec = make(name).eval()
+    feats = features(dec, 2)
+    logits, _ = dec.step(torch.full((2,), SOS), dec.init_state(feats))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_image_is_the_first_input_step(name):
+    """Show and Tell: init_state is the RNN after reading the projected image from a zero state."""
+    torch.manual_seed(0)
+    dec = make(name).eval()
+    feats = features(dec, 3)
+    with torch.no_grad():
+        out, _ = dec.rnn(dec.image_proj(feats)[:, None])
+        state = dec.init_state(feats)
+    torch.testing.assert_close(state["h"][:, -1], out[:, 0])
+
+
+def test_lstm_init_state_is_the_image():
+    torch.manual_seed(0)
+    dec = LSTMInitDecoder(vocab_size=V, feature_dim=D, num_layers=2).eval()
+    assert not hasattr(dec, "image_proj")  # the inputs are words only
+    feats = features(dec, 3)
+    state = dec.init_state(feats)
+    assert state["h"].shape == state["c"].shape == (3, 2, dec.hidden_dim)
+    assert (state["h"][0] - state["h"][1]).abs().max() > 1e-3 and (state["c"][0] - state["c"][1]).abs().max() > 1e-3
+    assert state["h"].abs().max() < 1  # tanh
+
+
+def test_transformer_sees_token_positions():
+    """Swapping two grid cells must change the output: without 2-D positions it could not ("left of")."""
+    torch.manual_seed(0)
+    for encoder_layers in (2, 0):
+        dec = TransformerDecoder(vocab_size=V, feature_dim=D, grid=GRID, encoder_layers=encoder_layers).eval()
+        feats, caps = features(dec, 2), captions([3, 4], L=6)
+        swapped = feats.clone()
+        swapped[:, [0, 5]] = feats[:, [5, 0]]
+        with torch.no_grad():
+            assert (dec(feats, caps) - dec(swapped, caps)).abs().max() > 1e-4
+            # Control: with the position embeddings off, the same swap changes nothing.
+            dec.row_pos.zero_(), dec.col_pos.zero_()
+            torch.testing.assert_close(dec(feats, caps), dec(swapped, caps), rtol=0, atol=1e-5)
+
+
+def test_transformer_rejects_wrong_grid():
+    dec = TransformerDecoder(vocab_size=V, feature_dim=D, grid=(7, 7))
+    with pytest.raises(ValueError, match="grid"):
+        dec.init_state(torch.randn(2, 6, D))
+
+
+def test_transformer_returns_cross_attention():
+    torch.manual_seed(0)
+    dec = TransformerDecoder(vocab_size=V, feature_dim=D, grid=GRID).eval()
+    feats, tokens = features(dec, 3), torch.full((3,), SOS)
+    with torch.no_grad():
+        logits, state, attn = dec.step(tokens, dec.init_state(feats), return_attention=True)
+        plain, _ = dec.step(tokens, dec.init_state(feats))
+        _, _, attn2 = dec.step(torch.tensor([5, 6, 7]), state, return_attention=True)
+    for a in (attn, attn2):
+        assert a.shape == (3, GRID[0] * GRID[1]) and (a >= 0).all()
+        torch.testing.assert_close(a.sum(-1), torch.ones(3))
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_overfits_a_tiny_set(name):
+    """8 images, each with its own 6-word caption: the decoder must learn to read the image."""
+    torch.manual_seed(0)
+    dec = make(name)
+    feats = features(dec, 8, seed=1)
+    words = torch.stack([torch.randperm(V - 4)[:6] + 4 for _ in range(8)])  # distinct captions
+    caps = torch.cat([torch.full((8, 1), SOS), words, torch.full((8, 1), EOS)], dim=1)
+    opt = torch.optim.AdamW(dec.parameters(), lr=2e-3)
+    first = None
+    for _ in range(300):
+        loss = F.cross_entropy(dec(feats, caps).flatten(0, 1), caps[:, 1:].flatten(), ignore_index=PAD)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02 * first:
+            break
+    assert loss.item() < 0.1 * first
+    dec.eval()
+    assert greedy_decode(dec, feats, max_len=10) == words.tolist()

@@ -1,0 +1,187 @@
+"""Tests of greedy decoding and batched beam search (captioner.decoding)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from captioner.data.vocabulary import Vocabulary
+from captioner.decoders import DECODERS, build_decoder
+from captioner.decoding import beam_search, greedy_decode
+
+PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
+SPECIAL = {PAD, SOS, EOS}
+A, B, C, D, E, F = 4, 5, 6, 7, 8, 9  # words of the hand-made decoders
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to CPU contention (see test_decoders.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TableDecoder(nn.Module):
+    """A bigram decoder with a hand-set transition table P(next | previous); ignores the image.
+
+    `table[prev][next] = p`; every word not listed gets a tiny probability, so all sequences stay possible.
+    """
+
+    feature = "pooled"
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int = 10, never_eos: bool = False) -> None:
+        super().__init__()
+        probs = torch.full((vocab_size, vocab_size), 1e-4)
+        for prev, row in table.items():
+            for word, p in row.items():
+                probs[prev, word] = p
+        if never_eos:
+            probs[:, EOS] = 0.0  # log 0 = -inf: <eos> impossible
+        self.register_buffer("logp", (probs / probs.sum(1, keepdim=True)).log())
+
+    def init_state(self, features):
+        return {"n": torch.zeros(features.shape[0], dtype=torch.long, device=features.device)}
+
+    def step(self, tokens, state):
+        return self.logp[tokens], {"n": state["n"] + 1}
+
+    def score(self, words: list[int]) -> float:
+        """log P(words <eos>) under the table."""
+        seq = [SOS, *words, EOS]
+        return sum(self.logp[a, b].item() for a, b in zip(seq, seq[1:]))
+
+
+def no_specials(captions: list[list[int]]) -> bool:
+    return all(not SPECIAL & set(c) for c in captions)
+
+
+def random_decoder(name: str, vocab_size: int = 40, eos_bias: float = 1.0, seed: int = 0):
+    """A random decoder made decisive (logit std ~2, so no near-ties) that ends some captions early."""
+    torch.manual_seed(seed)
+    dim, grid = 16, (3, 3)
+    dec = build_decoder(name, vocab_size=vocab_size, feature_dim=dim, **({"grid": grid} if name == "transformer" else {}))
+    dec.eval()
+    feats = torch.randn(6, 9, dim) if dec.feature == "spatial" else torch.randn(6, dim)
+    with torch.no_grad():
+        caps = torch.randint(4, vocab_size, (6, 8))
+        dec.head.weight.mul_(2.0 / dec(feats, caps).std())
+        dec.head.bias[EOS] += eos_bias
+    return dec, feats
+
+
+# A transition table where the locally best first word leads nowhere good:
+#   greedy: A (0.5) -> C (0.4) -> <eos>          P = 0.19
+#   best:   B (0.4) -> C (0.9) -> <eos>          P = 0.342
+TRAP = {SOS: {A: 0.5, B: 0.4}, A: {C: 0.4, D: 0.32, EOS: 0.28}, B: {C: 0.9, EOS: 0.1}, C: {EOS: 0.95}, D: {EOS: 0.95}}
+
+
+@pytest.mark.parametrize("beam_size", [2, 3])
+def test_beam_finds_the_globally_best_caption(beam_size):
+    dec, feats = TableDecoder(TRAP), torch.zeros(2, 4)
+    greedy, g_scores = greedy_decode(dec, feats, return_scores=True)
+    beam, b_scores = beam_search(dec, feats, beam_size=beam_size, return_scores=True)
+    assert greedy == [[A, C]] * 2 and beam == [[B, C]] * 2
+    assert dec.score([A, C]) < dec.score([B, C])
+    assert g_scores[0] == pytest.approx(dec.score([A, C]), abs=1e-5)
+    assert b_scores[0] == pytest.approx(dec.score([B, C]), abs=1e-5)
+    assert beam_search(dec, feats, beam_size=1) == greedy
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("min_len", [0, 1, 3])
+def test_beam_size_one_is_greedy(name, min_len):
+    dec, feats = random_decoder(name)
+    greedy, g_scores = greedy_decode(dec, feats, max_len=12, min_len=min_len, return_scores=True)
+    beam, b_scores = beam_search(dec, feats, beam_size=1, max_len=12, min_len=min_len, return_scores=True)
+    assert beam == greedy
+    assert b_scores == pytest.approx(g_scores, abs=1e-4)
+    assert no_specials(beam) and all(min_len <= len(c) <= 12 for c in beam)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+@pytest.mark.parametrize("min_len, length_penalty", [(1, 0.0), (3, 0.7)])
+def test_batched_beam_search_equals_one_image_at_a_time(name, min_len, length_penalty):
+    """Guards the flattened B*K index arithmetic: each image must get exactly its own search."""
+    dec, feats = random_decoder(name)
+    kw = dict(beam_size=3, max_len=12, min_len=min_len, length_penalty=length_penalty)
+    batched = beam_search(dec, feats, **kw)
+    single = [beam_search(dec, feats[i : i + 1], **kw)[0] for i in range(len(feats))]
+    assert batched == single
+    assert no_specials(batched) and all(min_len <= len(c) <= 12 for c in batched)
+    assert len({tuple(c) for c in batched}) > 1  # different images, different captions
+    assert any(len(c) < 12 for c in batched)  # some searches really ended with <eos>
+
+
+def test_never_eos_returns_max_len_words():
+    dec, feats = TableDecoder(TRAP, never_eos=True), torch.zeros(3, 4)
+    for out in (greedy_decode(dec, feats, max_len=7), beam_search(dec, feats, beam_size=3, max_len=7)):
+        assert [len(c) for c in out] == [7, 7, 7] and no_specials(out)
+    # and a real decoder whose <eos> logit is hopeless
+    dec, feats = random_decoder("transformer", eos_bias=-1e4)
+    for k in (1, 3):
+        out, scores = beam_search(dec, feats, beam_size=k, max_len=9, return_scores=True)
+        assert all(len(c) == 9 for c in out) and no_specials(out) and all(math.isfinite(s) for s in scores)
+
+
+# <eos> is the most likely next word everywhere (and right after <sos>); the only way on is A -> B -> C -> A ...
+EAGER = {SOS: {EOS: 0.7, A: 0.3}, A: {EOS: 0.9, B: 0.1}, B: {EOS: 0.9, C: 0.1}, C: {EOS: 0.9, A: 0.1}}
+
+
+def test_min_len():
+    dec, feats = TableDecoder(EAGER), torch.zeros(2, 4)
+    assert beam_search(dec, feats, min_len=0) == [[], []]  # the empty caption is allowed, and no crash
+    assert greedy_decode(dec, feats) == [[], []]
+    assert beam_search(dec, feats) == [[A], [A]]  # default min_len=1
+    for k in (1, 3):
+        assert beam_search(dec, feats, beam_size=k, min_len=3) == [[A, B, C]] * 2
+    assert greedy_decode(dec, feats, min_len=3) == [[A, B, C]] * 2
+
+
+# Short and likely vs long and (per word) very likely:
+#   [A]          P = 0.6 * 0.9  = 0.54       log = -0.62, /((5+1)/6)^2 = -0.62
+#   [B, C, D, E] P = 0.4 * .99^4 = 0.384     log = -0.96, /((5+4)/6)^2 = -0.42
+LONG = {SOS: {A: 0.6, B: 0.4}, A: {EOS: 0.9, F: 0.1}, B: {C: 0.99}, C: {D: 0.99}, D: {E: 0.99}, E: {EOS: 0.99}}
+
+
+def test_length_penalty_changes_the_ranking():
+    dec, feats = TableDecoder(LONG), torch.zeros(2, 4)
+    assert beam_search(dec, feats, beam_size=3, max_len=10) == [[A]] * 2
+    out, scores = beam_search(dec, feats, beam_size=3, max_len=10, length_penalty=2.0, return_scores=True)
+    assert out == [[B, C, D, E]] * 2
+    assert scores[0] == pytest.approx(dec.score([B, C, D, E]) / 1.5**2, abs=1e-5)
+
+
+def test_special_tokens_are_never_generated():
+    dec, feats = random_decoder("lstm")
+    with torch.no_grad():
+        dec.head.bias[[PAD, SOS]] += 50.0  # a model that loves <pad>/<sos>
+    for out in (greedy_decode(dec, feats, max_len=8), beam_search(dec, feats, beam_size=4, max_len=8)):
+        assert no_specials(out) and all(1 <= len(c) <= 8 for c in out)
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_decoding_under_autocast_and_inference(name):
+    dec, feats = random_decoder(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        greedy = greedy_decode(dec, feats, max_len=10)
+        beam, scores = beam_search(dec, feats, beam_size=3, max_len=10, return_scores=True)
+    assert len(greedy) == len(beam) == 6 and no_specials(greedy + beam)
+    assert all(math.isfinite(s) and s <= 0 for s in scores)
+    assert all(p.grad is None for p in dec.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoding_on_cuda_matches_cpu(name):
+    dec, feats = random_decoder(name)
+    cpu = beam_search(dec, feats, beam_size=3, max_len=10)
+    dec, feats = dec.cuda(), feats.cuda()
+    assert beam_search(dec, feats, beam_size=3, max_len=10) == cpu
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = beam_search(dec, feats, beam_size=3, max_len=10)
+        assert no_specials(out) and greedy_decode(dec, feats, max_len=10)
