@@ -33,7 +33,13 @@ inspect: $(VENV)/.installed ## dataset statistics for the default dataset (data=
 prepare: $(VENV)/.installed ## generate the shapes world and cache its EfficientNet-Lite0 features
 	$(PY) -m captioner.prepare data=shapes encoder=efficientnet_lite0
 
+train: $(VENV)/.installed ## train + test one captioner offline (experiment=shapes_offline, model=dino_lstm_init)
+	$(PY) train.py
+
+sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra multirun
+	$(PY) train.py -m model=resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
+
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-all inspect prepare clean
+.PHONY: help install test test-all inspect prepare train sweep clean

@@ -39,6 +39,14 @@ def _next_log_probs(
     return logp, state
 
 
+def _reorder(x: Tensor, rows: Tensor) -> Tensor:
+    """x.index_select(0, rows), through a 2-D (N, -1) view: on CPU that is a plain row copy, several times faster
+    than index_select on the N-D tensor (which dominated batched beam search with the transformer's caches)."""
+    if x.dim() <= 2:
+        return x.index_select(0, rows)
+    return x.flatten(1).index_select(0, rows).view(len(rows), *x.shape[1:])
+
+
 def _to_lists(seqs: Tensor, sos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
     """(N, max_len) ids -> lists cut at the first <eos>, with no special ids left."""
     out = []
@@ -107,6 +115,8 @@ def beam_search(
     beat its best finished caption; if nothing ever finished by `max_len`, the best live beam is the answer.
     With beam_size=1 this is exactly `greedy_decode` (same min_len).
     """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     B, K, device = features.shape[0], beam_size, features.device
     NEG = float("-inf")
 
@@ -136,7 +146,7 @@ def beam_search(
         src = (first_row + idx // V).view(-1)  # the row each new beam continues (integer division: `//`)
         seqs = seqs.index_select(0, src)
         seqs[:, t] = word.view(-1)
-        state = {name: x.index_select(0, src) for name, x in state.items()}
+        state = {name: _reorder(x, src) for name, x in state.items()}
         tokens = word.view(-1)
         steps = t + 1
 

@@ -52,6 +52,7 @@ class Captioner(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
         decode: Mapping[str, Any] | None = None,
+        meteor: bool = True,
     ) -> None:
         super().__init__()
         # module objects (optimizer partial) stay out of the checkpoint's hyper-parameters
@@ -68,8 +69,9 @@ class Captioner(L.LightningModule):
         self.test_predictions: list[dict] = []
 
     # -- the shared step ------------------------------------------------------------------------------------
-    def caption_loss(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(features, captions)
+    def caption_loss(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy ignoring padding; caption b describes image image_index[b]."""
+        logits = self.decoder(features, captions, image_index)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), captions[:, 1:].reshape(-1),
                                ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
 
@@ -84,14 +86,12 @@ class Captioner(L.LightningModule):
         return [self.vocab.decode(x) for x in ids]
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        features = batch["features"]
+        features, captions = batch["features"], batch["captions"]
+        loss = self.caption_loss(features, captions, batch["caption_image"])
         if stage == "train":
-            loss = self.caption_loss(features, batch["captions"])
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(features))
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(captions))
             return loss
-        # eval batches hold each image once; its references are expanded here for the loss
-        loss = self.caption_loss(features[batch["caption_image"]], batch["captions"])
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(batch["captions"]))
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(captions))
         hypotheses = self.generate(features)
         if stage == "val":
             for metric in self.val_bleu.values():
@@ -129,7 +129,8 @@ class Captioner(L.LightningModule):
 
         outs = sorted(self.eval_outputs, key=lambda o: o["index"])
         self.eval_outputs = outs
-        results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs])
+        results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
+                                  meteor=self.hparams.meteor)
         results.update(self._semantic("test"))
         self.test_results, self.test_predictions = results, outs
         for name, value in results.items():

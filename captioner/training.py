@@ -48,7 +48,7 @@ def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
         extraction={"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers,
                     "device": "cuda" if cfg.features.device == "auto" and torch.cuda.is_available()
                     else ("cpu" if cfg.features.device == "auto" else cfg.features.device)},
-        vocab=vocab)
+        vocab=vocab, group_by_image=cfg.loader.group_by_image, seed=cfg.seed)
 
 
 def build_model(cfg: DictConfig, dm: CaptionDataModule):
@@ -57,7 +57,7 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
         vocab=dm.vocab.to_dict(), decoder=decoder, encoder=dm.encoder_spec.to_dict(), model_name=cfg.model.name,
         feature_dim=dm.feature_dim, grid=tuple(dm.grid), optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=OmegaConf.to_container(cfg.scheduler), label_smoothing=cfg.label_smoothing,
-        decode=OmegaConf.to_container(cfg.decode))
+        decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor)
 
 
 def _instantiate_all(node) -> list:
@@ -98,11 +98,13 @@ def train(cfg: DictConfig) -> float:
     test = model.test_results
 
     best_score = checkpoint.best_model_score if checkpoint is not None else None
+    baseline = caption_prior_baseline(dm, model.test_predictions)
     metrics = {
         "model": cfg.model.name, "run_name": cfg.run_name, "family": cfg.model.family,
         "encoder": dm.encoder_spec.name, "encoder_weights": str(dm.encoder_spec.weights),
         "decoder": cfg.decoder.name, "attention": cfg.attention.name, "data": cfg.data.name,
         "test": test,
+        "caption_prior_bleu_4": baseline,
         "best_val_bleu_4": float(best_score) if best_score is not None else None,
         "best_epoch": _epoch_of(best), "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
@@ -117,9 +119,25 @@ def train(cfg: DictConfig) -> float:
         _log_samples(lg, dm, model.test_predictions)
     log.info("done: %s | test BLEU-4 %.3f | CIDEr %.3f | run dir %s", cfg.run_name, test["bleu_4"], test["cider"],
              run_dir)
-    print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f}, CIDEr {test['cider']:.3f} -> {run_dir}")
+    print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f} (caption prior {baseline:.4f}), "
+          f"CIDEr {test['cider']:.3f} -> {run_dir}")
     value = metrics["best_val_bleu_4"]
     return float(value) if value is not None and math.isfinite(value) else 0.0
+
+
+def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict]) -> float:
+    """BLEU-4 of a model that never looks at the image: the most frequent training caption for every test image.
+    A captioner must beat this clearly to show it uses the image at all."""
+    from collections import Counter
+
+    from .data.vocabulary import normalize
+    from .metrics import caption_metrics
+
+    if not predictions:
+        return 0.0
+    prior = Counter(normalize(c) for r in dm.records["train"] for c in r.captions).most_common(1)[0][0]
+    refs = [p["references"] for p in predictions]
+    return caption_metrics([prior] * len(refs), refs, meteor=False)["bleu_4"]
 
 
 def _epoch_of(path: str | None) -> int | None:

@@ -24,9 +24,11 @@ def test_training_pairs_one_per_caption_and_padded_batches(tiny_shapes, tmp_path
     dm = make(tiny_shapes, tmp_path)
     assert len(dm.splits["train"]) == 60 * 5
     batch = next(iter(dm.train_dataloader()))
-    assert batch["features"].dtype == torch.float32 and batch["features"].shape == (16, 1280)
     caps, lengths = batch["captions"], batch["lengths"]
-    assert caps.shape == (16, int(lengths.max()))
+    # whole images: 4 images x 5 captions >= batch_size 16; each image's features once
+    assert batch["features"].dtype == torch.float32 and batch["features"].shape == (4, 1280)
+    assert len(caps) == 20 and torch.bincount(batch["caption_image"]).tolist() == [5] * 4
+    assert caps.shape == (20, int(lengths.max()))
     for row, n in zip(caps, lengths):
         assert row[0] == dm.vocab.sos_id and row[n - 1] == dm.vocab.eos_id and (row[n:] == 0).all()
     # a pair's caption belongs to the image whose features come with it
@@ -52,3 +54,22 @@ def test_vocabulary_comes_from_train_split_only(tiny_shapes, tmp_path):
     dm = make(tiny_shapes, tmp_path)
     train_words = {w for r in dm.records["train"] for c in r.captions for w in normalize(c).split()}
     assert set(dm.vocab.itos[4:]) <= train_words
+
+
+def test_grouped_batches_hold_whole_images_and_every_caption_once(tiny_shapes, tmp_path):
+    from captioner.data.datamodule import ImageGroupedBatches
+
+    dm = make(tiny_shapes, tmp_path)
+    pairs = dm.splits["train"]
+    sampler = ImageGroupedBatches(pairs.rows, batch_size=16, seed=0)
+    first = list(sampler)
+    flat = [i for b in first for i in b]
+    assert sorted(flat) == list(range(len(pairs)))  # every caption exactly once per epoch
+    for b in first:
+        images = pairs.rows[b]
+        for image in set(images.tolist()):  # whole images: all 5 captions of an image in the same batch
+            assert (images == image).sum() == 5
+    assert [i for b in list(sampler) for i in b] != flat  # a new shuffle next epoch
+    batch = pairs.__getitems__(first[0])
+    assert batch["features"].shape[0] == len(set(pairs.rows[first[0]].tolist()))  # each image's features once
+    assert batch["caption_image"].max() == batch["features"].shape[0] - 1

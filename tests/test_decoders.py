@@ -186,3 +186,18 @@ def test_overfits_a_tiny_set(name):
     assert loss.item() < 0.1 * first
     dec.eval()
     assert greedy_decode(dec, feats, max_len=10) == words.tolist()
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "lstm_init", "transformer"])
+def test_image_index_equals_repeating_the_features(name):
+    """Batches carry each image once plus caption->image indices; that must equal repeating the features."""
+    from captioner.decoders import build_decoder
+
+    torch.manual_seed(0)
+    extra = {"grid": (2, 3)} if name == "transformer" else {}
+    dec = build_decoder(name, vocab_size=20, feature_dim=8, **extra).eval()
+    feats = torch.randn(3, 6, 8) if name == "transformer" else torch.randn(3, 8)
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    caps = torch.randint(4, 20, (6, 7))
+    caps[:, 0] = 1
+    torch.testing.assert_close(dec(feats, caps, index), dec(feats[index], caps))

@@ -56,17 +56,20 @@ class _RecurrentDecoder(nn.Module):
 
     # -- the decoder interface ------------------------------------------------------------------------------
 
-    def forward(self, features: Tensor, captions: Tensor) -> Tensor:
+    def forward(self, features: Tensor, captions: Tensor, image_index: Tensor | None = None) -> Tensor:
         """Teacher forcing over the whole sequence in one cuDNN call: (B, D), (B, L) -> logits (B, L-1, V).
 
         Position t reads captions[:, :t+1] and predicts captions[:, t+1]; being recurrent (left to right), a
-        position never sees later (padded) inputs.
+        position never sees later (padded) inputs. With `image_index` (B,), features hold U distinct images and
+        caption b belongs to image image_index[b].
         """
+        if image_index is not None:
+            features = features.index_select(0, image_index)
         image_step, hx = self.encode(features)
         x = self.embed(captions[:, :-1])
         if image_step is not None:
             x = torch.cat([image_step, x], dim=1)
-        out, _ = self.rnn(x, hx)
+        out, _ = self._recur(x, hx)
         if image_step is not None:
             out = out[:, 1:]  # the image step's output predicts no word
         return self.head(self.drop(out))
@@ -74,13 +77,23 @@ class _RecurrentDecoder(nn.Module):
     def init_state(self, features: Tensor) -> dict[str, Tensor]:
         image_step, hx = self.encode(features)
         if image_step is not None:
-            _, hx = self.rnn(image_step, hx)  # consume the image step, as `forward` does
+            _, hx = self._recur(image_step, hx)  # consume the image step, as `forward` does
         return self._to_state(hx)
 
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """(B,) previous words -> logits (B, V) for the next word, and the new state."""
-        out, hx = self.rnn(self.embed(tokens)[:, None], self._from_state(state))
+        out, hx = self._recur(self.embed(tokens)[:, None], self._from_state(state))
         return self.head(self.drop(out[:, 0])), self._to_state(hx)
+
+    def _recur(self, x: Tensor, hx: Hidden | None) -> tuple[Tensor, Hidden]:
+        """The RNN/LSTM call, in the parameters' dtype even under autocast: bf16 recurrent kernels are missing on
+        some backends (CUDA's fused LSTM cell, oneDNN), and a bf16 state would lose precision step after step.
+        The projections and the output head around it still run under autocast."""
+        dtype = self.rnn.weight_hh_l0.dtype
+        if hx is not None:
+            hx = tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.rnn(x.to(dtype), hx)
 
     # -- batch-first state <-> PyTorch's (num_layers, B, H) ---------------------------------------------------
 
@@ -92,7 +105,7 @@ class _RecurrentDecoder(nn.Module):
 
     @staticmethod
     def _from_state(state: dict[str, Tensor]) -> Hidden:
-        # cuDNN wants contiguous hidden states; beam reordering may have handed us views.
+        # The transposes are views, and cuDNN wants contiguous hidden states.
         h = state["h"].transpose(0, 1).contiguous()
         return (h, state["c"].transpose(0, 1).contiguous()) if "c" in state else h
 

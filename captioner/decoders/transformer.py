@@ -188,20 +188,23 @@ class TransformerDecoder(nn.Module):
             x = block(x)
         return self.enc_ln(x)
 
-    def _cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _cross_kv(self, features: Tensor, image_index: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
         memory = self.memory(features)
+        if image_index is not None:  # encode each image once, however many of its captions are in the batch
+            memory = memory.index_select(0, image_index)
         return [block.cross_attn.keys_values(memory) for block in self.blocks]
 
     # -- the decoder interface ------------------------------------------------------------------------------
 
-    def forward(self, features: Tensor, captions: Tensor) -> Tensor:
-        """Teacher forcing: (B, T, D), (B, L) -> logits (B, L-1, V); causal, so padding never leaks backwards."""
+    def forward(self, features: Tensor, captions: Tensor, image_index: Tensor | None = None) -> Tensor:
+        """Teacher forcing: (B, T, D), (B, L) -> logits (B, L-1, V); causal, so padding never leaks backwards.
+        With `image_index` (B,), features hold U distinct images and caption b belongs to image image_index[b]."""
         inputs = captions[:, :-1]
         n = inputs.shape[1]
         if n > self.max_len:
             raise ValueError(f"captions of {n + 1} tokens exceed the decoder's max_len={self.max_len} (+1)")
         x = self.drop(self.tok_emb(inputs) + self.pos_emb[:n])
-        for block, kv in zip(self.blocks, self._cross_kv(features)):
+        for block, kv in zip(self.blocks, self._cross_kv(features, image_index)):
             x, _, _ = block(x, kv)
         return self.head(self.ln_f(x))
 

@@ -1,0 +1,60 @@
+"""`python train.py` and the five-variant multirun as a user runs them (tiny shapes world, 1 epoch)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "trainer.max_epochs=2", "logger=csv",
+        "features.num_workers=0", "text.min_word_count=1"]
+TEST_KEYS = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "object_accuracy",
+             "relation_accuracy"}
+
+
+def run_train(*args, root, timeout=600):
+    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_metrics(path, model):
+    m = json.loads(path.read_text())
+    assert m["model"] == model and m["encoder"] == "efficientnet_lite0"
+    assert TEST_KEYS <= set(m["test"])
+    for key in TEST_KEYS - {"meteor"}:
+        assert 0.0 <= m["test"][key] <= (10.0 if key == "cider" else 1.0), key
+    assert m["test"]["meteor"] is None or 0 <= m["test"]["meteor"] <= 1
+    assert m["epochs"] == 2 and m["best_epoch"] in (0, 1) and m["train_seconds"] > 0
+    assert m["params_trainable"] > 10_000 and 0 <= m["best_val_bleu_4"] <= 1
+    return m
+
+
+def test_single_run_writes_everything_into_its_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_train(*TINY, f"hydra.run.dir={run_dir}", root=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"test BLEU-4" in r.stdout and str(run_dir) in r.stdout
+    m = check_metrics(run_dir / "metrics.json", "dino_lstm_init")
+    assert m["run_name"].endswith("lite0-offline")  # the offline encoder swap is visible in the run name
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+    assert (run_dir / "csv" / "metrics.csv").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and {"image", "hypothesis", "references"} <= set(json.loads(lines[0]))
+    assert not (REPO / "outputs").exists() or not any((REPO / "outputs").glob(f"**/{run_dir.name}"))
+
+
+def test_multirun_over_the_five_variants(tmp_path):
+    models = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
+    sweep = tmp_path / "sweep"
+    r = run_train("-m", f"model={','.join(models)}", *TINY, "metrics.meteor=false", f"hydra.sweep.dir={sweep}",
+                  root=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = {json.loads(p.read_text())["model"]: p for p in sweep.glob("*/metrics.json")}
+    assert set(found) == set(models)
+    params = {m: check_metrics(p, m)["params_trainable"] for m, p in found.items()}
+    assert params["dino_lstm"] != params["dino_rnn"]  # really different decoders
