@@ -15,8 +15,8 @@ TEST_KEYS = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor
              "relation_accuracy"}
 
 
-def run_train(*args, root, timeout=600):
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled")
+def run_train(*args, root, timeout=600, wandb_mode="disabled"):
+    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE=wandb_mode, WANDB_SILENT="true")
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -52,9 +52,12 @@ def test_multirun_over_the_five_variants(tmp_path):
     models = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
     sweep = tmp_path / "sweep"
     r = run_train("-m", f"model={','.join(models)}", *TINY, "metrics.meteor=false", f"hydra.sweep.dir={sweep}",
-                  root=tmp_path, timeout=900)
+                  "logger=wandb", root=tmp_path, timeout=900, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     found = {json.loads(p.read_text())["model"]: p for p in sweep.glob("*/metrics.json")}
     assert set(found) == set(models)
     params = {m: check_metrics(p, m)["params_trainable"] for m, p in found.items()}
     assert params["dino_lstm"] != params["dino_rnn"]  # really different decoders
+    # each job has its own offline W&B run (not all logging into the first job's run), in one shared group
+    wandb_runs = {p.parent.parent.parent.name: p.parent.name for p in sweep.glob("*/wandb/offline-run-*/files")}
+    assert len(wandb_runs) == 5 and len(set(wandb_runs.values())) == 5
