@@ -1,0 +1,263 @@
+"""LightningDataModule over cached encoder features and tokenized captions.
+
+- train: one sample per (image, caption) pair, the image's features read from the memory-mapped cache;
+- val/test: each image once, with ALL its references grouped (turning 5 references into 5 single-reference
+  rows would turn multi-reference BLEU into single-reference BLEU, a classic evaluation bug).
+Captions are tokenized once in `setup`, into one padded int array; batches are fetched with `__getitems__`
+(one fancy-indexed read of the memmap per batch, not one per sample) and trimmed to their longest caption.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..encoders import EncoderSpec
+from ..features import FeatureCache, prepare_features
+from . import dataset_id, load_dataset
+from .records import SPLITS, CaptionDataset, CaptionRecord
+from .vocabulary import Vocabulary, encode_captions, normalize, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def _batch_identity(batch):
+    return batch
+
+
+class _FeatureRows:
+    """Reads the rows of one split's features (pooled or spatial) as float32."""
+
+    def __init__(self, cache: FeatureCache, feature: str) -> None:
+        self.array = cache.spatial if feature == "spatial" else cache.pooled
+        if self.array is None:
+            raise ValueError(f"feature cache {cache.path} has no spatial tokens; rebuild it with spatial features")
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        # sorted reads are sequential on disk; then restore the batch order
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows),) + self.array.shape[1:], dtype=np.float32)
+        out[order] = self.array[rows[order]]
+        return torch.from_numpy(out)
+
+
+class CaptionPairs(Dataset):
+    """(image features, caption) training pairs: one sample per caption.
+
+    A batch carries each distinct image's features once (`features`, (U, ...)) and `caption_image` (B,) maps each
+    caption to its image, so a decoder with an expensive image encoder (the transformer) encodes an image once
+    however many of its captions are in the batch; `ImageGroupedBatches` puts all captions of an image together.
+    """
+
+    def __init__(self, features: _FeatureRows, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.features, self.rows, self.tokens, self.lengths = features, rows, tokens, lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices) -> dict:
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[idx]
+        images, caption_image = np.unique(self.rows[idx], return_inverse=True)
+        return {
+            "features": self.features(images),
+            "captions": torch.from_numpy(self.tokens[idx, : lengths.max()].astype(np.int64)),
+            "lengths": torch.from_numpy(lengths.astype(np.int64)),
+            "caption_image": torch.from_numpy(caption_image.reshape(-1).astype(np.int64)),
+        }
+
+
+class ImageGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of about `batch_size` captions made of whole images (all captions of an image together,
+    as ImageCaptioning.pytorch's seq_per_img). Every caption is still seen exactly once per epoch; the image
+    encoder of an attention decoder then runs once per image instead of once per caption (≈5x less work)."""
+
+    def __init__(self, pair_rows: np.ndarray, batch_size: int, seed: int = 0) -> None:
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        order = np.argsort(pair_rows, kind="stable")
+        bounds = np.flatnonzero(np.diff(pair_rows[order])) + 1
+        self.groups = np.split(order, bounds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches, current = [], []
+        for g in rng.permutation(len(self.groups)):
+            current.extend(self.groups[g].tolist())
+            if len(current) >= self.batch_size:
+                batches.append(current)
+                current = []
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self):
+        batches = self._batches()
+        self.epoch += 1  # a new shuffle every epoch even when nobody calls set_epoch
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class CaptionImages(Dataset):
+    """Each image once, with all of its normalised references (for BLEU/CIDEr against every reference)."""
+
+    def __init__(self, features: _FeatureRows, rows: np.ndarray, records: list[CaptionRecord],
+                 vocab: Vocabulary, max_length: int) -> None:
+        self.features, self.rows, self.records = features, rows, records
+        self.references = [[normalize(c) for c in r.captions] for r in records]
+        # token ids of every reference, for the validation loss (teacher forcing on all references)
+        self.reference_ids = [encode_captions(vocab, r.captions, max_length)[0] for r in records]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices) -> dict:
+        idx = np.asarray(indices, dtype=np.int64)
+        ids = [(j, x) for j, i in enumerate(idx) for x in self.reference_ids[i]]
+        captions = torch.zeros(len(ids), max(len(x) for _, x in ids), dtype=torch.long)
+        for row, (_, x) in enumerate(ids):
+            captions[row, : len(x)] = torch.tensor(x)
+        return {
+            "features": self.features(self.rows[idx]),
+            "index": torch.from_numpy(idx),
+            "references": [self.references[i] for i in idx],
+            "captions": captions,
+            "caption_image": torch.tensor([j for j, _ in ids], dtype=torch.long),
+        }
+
+
+class CaptionDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        cache_dir: str,
+        feature: str = "pooled",
+        batch_size: int = 64,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        min_word_count: int = 5,
+        max_length: int = 30,
+        extraction: Mapping[str, Any] | None = None,
+        vocab: Vocabulary | None = None,
+        progress: bool = True,
+        group_by_image: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if feature not in ("pooled", "spatial"):
+            raise ValueError(f"feature must be 'pooled' or 'spatial' (config key model.feature), got '{feature}'")
+        self.data_cfg, self.encoder_spec = dict(data), EncoderSpec.from_config(encoder)
+        self.cache_dir, self.feature = Path(str(cache_dir)).expanduser(), feature
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.min_word_count, self.max_length = min_word_count, max_length
+        self.extraction = dict(extraction or {})
+        self.vocab, self.progress = vocab, progress
+        self.group_by_image, self.seed = group_by_image, seed
+        self.dataset: CaptionDataset | None = None
+        self.caches: dict[str, FeatureCache] = {}
+        self.splits: dict[str, Dataset] = {}
+        self.records: dict[str, list[CaptionRecord]] = {}
+        self.stats: dict[str, Any] = {}
+
+    # -- building ------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Generate/read the dataset and build any missing feature cache (rank 0 only under DDP)."""
+        self._load()
+
+    def _load(self) -> None:
+        if self.caches:
+            return
+        self.dataset = load_dataset(self.data_cfg, progress=self.progress)
+        if self.dataset.skipped.total:
+            log.warning(self.dataset.skipped.summary())
+        by_split = {s: self.dataset.split(s) for s in SPLITS}
+        self.caches = prepare_features(
+            by_split, self.encoder_spec, self.cache_dir, dataset_id(self.dataset),
+            spatial=self.feature == "spatial", progress=self.progress, **self.extraction)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self._load()
+        for split, cache in self.caches.items():
+            usable = [r for r in self.dataset.split(split) if r.key not in cache.failed]
+            self.records[split] = usable
+            self.stats[f"{split}_unreadable_images"] = len(cache.failed)
+        train = self.records["train"]
+        if self.vocab is None:
+            self.vocab = Vocabulary.build((c for r in train for c in r.captions), self.min_word_count)
+        # one row per training caption
+        captions = [c for r in train for c in r.captions]
+        ids, truncated = encode_captions(self.vocab, captions, self.max_length)
+        self.stats["truncated_train_captions"] = truncated
+        if truncated:
+            log.info("%d of %d training captions truncated to %d tokens (data.max_length)", truncated,
+                     len(captions), self.max_length)
+        tokens = np.zeros((len(ids), self.max_length + 2), dtype=np.int32)
+        lengths = np.array([len(x) for x in ids], dtype=np.int32)
+        for i, x in enumerate(ids):
+            tokens[i, : len(x)] = x
+        train_rows = self._rows("train")
+        pair_rows = np.repeat(train_rows, [len(r.captions) for r in train])
+        feats = {s: _FeatureRows(c, self.feature) for s, c in self.caches.items()}
+        self.splits["train"] = CaptionPairs(feats["train"], pair_rows, tokens, lengths)
+        for split in ("val", "test"):
+            self.splits[split] = CaptionImages(feats[split], self._rows(split), self.records[split], self.vocab,
+                                               self.max_length)
+
+    def _rows(self, split: str) -> np.ndarray:
+        row_of = self.caches[split].row()
+        return np.array([row_of[r.key] for r in self.records[split]], dtype=np.int64)
+
+    # -- properties the models need -----------------------------------------------------------------------
+    @property
+    def feature_dim(self) -> int:
+        return self.caches["train"].dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.caches["train"].grid
+
+    def scenes(self, split: str) -> list[dict] | None:
+        """Shapes-world scenes of a split, in dataset order (None for real datasets)."""
+        recs = self.records[split]
+        return [r.meta["scene"] for r in recs] if recs and "scene" in recs[0].meta else None
+
+    def caption_lengths(self, split: str = "train") -> np.ndarray:
+        return np.array([len(tokenize(c)) for r in self.records[split] for c in r.captions])
+
+    # -- loaders ------------------------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=_batch_identity, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.group_by_image:
+            return self._loader("train", self.batch_size, shuffle=True)
+        pairs = self.splits["train"]
+        return DataLoader(pairs, batch_sampler=ImageGroupedBatches(pairs.rows, self.batch_size, self.seed),
+                          num_workers=self.num_workers, collate_fn=_batch_identity,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

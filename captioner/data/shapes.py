@@ -1,0 +1,520 @@
+"""The embedded "shapes" captioning world: a procedurally generated dataset shipped as code.
+
+Each image shows 1-3 non-overlapping coloured shapes on a textured, low-saturation background; each comes with
+reference captions drawn from a small grammar ("a large red circle to the left of a small blue square", "there
+is an orange star above a purple circle and a yellow square"). With two or more objects every caption states
+exactly one spatial relation, so a captioner has to know *where* things are; a pooled feature vector loses
+that, a decoder attending over the spatial grid does not.
+
+Because every scene is known, a generated caption can be scored semantically by parsing it against the scene
+(`parse_caption`, `score_captions`), next to the n-gram metrics.
+
+Everything is deterministic from a seed: image `i` of split `s` is generated from
+`numpy.random.default_rng([seed, split_index, i])`, so any image can be regenerated on its own and changing
+the number of images of a split never changes the images it already had.
+
+Public API: `OBJECT_VOCAB` (and SHAPES/COLOURS/SIZES/RELATIONS), `generate_scene`, `render_scene`,
+`describe_scene`, `generate_example`, `relation_between`, `parse_caption`/`ParsedCaption`, `score_captions`,
+`build_shapes`, `shapes_folder_name`, `reference_agreement`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
+from .vocabulary import normalize, tokenize
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary of the world
+# ----------------------------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SIZES = ("small", "large")
+RELATIONS = ("left", "right", "above", "below")
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+AXIS = {"left": "x", "right": "x", "above": "y", "below": "y"}
+
+OBJECT_VOCAB: dict[str, tuple[str, ...]] = {
+    "shapes": SHAPES,
+    "colours": COLOURS,
+    "sizes": SIZES,
+    "relations": RELATIONS,
+}
+
+# Saturated, mutually distinct object colours (RGB). The background is kept near-grey, so it can never be
+# mistaken for any of these.
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (215, 30, 35),
+    "green": (35, 165, 50),
+    "blue": (35, 75, 220),
+    "yellow": (240, 215, 25),
+    "purple": (135, 45, 185),
+    "orange": (245, 125, 15),
+}
+
+# Object radius (circumscribed circle, fraction of the image size) per size class; jittered by +-10%.
+SIZE_RADIUS = {"small": 0.09, "large": 0.16}
+RADIUS_JITTER = 0.10
+EDGE_MARGIN = 0.01  # keep a sliver between an object and the image border
+MIN_GAP = 0.03  # minimum empty space between two objects' circumscribed circles
+MIN_RELATION_DISTANCE = 0.2  # displacement along the dominant axis, fraction of the image size
+DOMINANCE = 2.0  # dominant-axis displacement must be >= DOMINANCE x the other axis' displacement
+
+# Caption grammar.
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("to the left of", "left of", "on the left of"),
+    "right": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+OPENERS = ("", "", "", "there is ", "there is ", "an image of ", "a picture showing ", "a picture of ",
+           "a photo of ", "this is ", "we can see ")
+CONNECTIVES = ("and", "and", "as well as", "plus", "with")
+SIZE_PROBABILITY = 0.6
+MAX_CAPTION_TOKENS = 20
+
+# Words the parser reads as a relation (a relation keyword needs a following "of" for left/right).
+_REL_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below"}
+
+ANNOTATIONS = "annotations.json"
+FORMAT_VERSION = 1
+
+Scene = dict  # {"objects": [{"shape","colour","size","x","y","r","angle"}, ...], "relations": [[i, rel, j], ...]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scenes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def relation_between(a: dict, b: dict) -> str:
+    """The relation of object `a` to object `b` along the dominant axis ("above" = smaller y, y grows down)."""
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+    if abs(dx) >= abs(dy):
+        return "left" if a["x"] < b["x"] else "right"
+    return "above" if a["y"] < b["y"] else "below"
+
+
+def _pair_ok(a: dict, b: dict) -> bool:
+    dx, dy = abs(a["x"] - b["x"]), abs(a["y"] - b["y"])
+    if math.hypot(dx, dy) < a["r"] + b["r"] + MIN_GAP:
+        return False
+    major, minor = max(dx, dy), min(dx, dy)
+    return major >= MIN_RELATION_DISTANCE and major >= DOMINANCE * minor
+
+
+def generate_scene(rng: np.random.Generator) -> Scene:
+    """A random scene: 1-3 objects (uniformly), distinct (colour, shape), non-overlapping, fully inside the
+    image, every pair in an unambiguous spatial relation. Coordinates are fractions of the image size."""
+    n = int(rng.integers(1, 4))
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    picks = rng.choice(len(combos), size=n, replace=False)
+    for _ in range(100):  # size draws (three large objects are feasible but rare to place)
+        attrs = []
+        for k in picks:
+            colour, shape = combos[int(k)]
+            size = SIZES[int(rng.integers(len(SIZES)))]
+            r = SIZE_RADIUS[size] * (1.0 + rng.uniform(-RADIUS_JITTER, RADIUS_JITTER))
+            angle = 0.0 if shape == "circle" else float(rng.uniform(0.0, 360.0))
+            attrs.append({"shape": shape, "colour": colour, "size": size, "r": float(r), "angle": angle})
+        for _ in range(60):  # restarts of the placement
+            placed: list[dict] = []
+            for obj in attrs:
+                lo, hi = obj["r"] + EDGE_MARGIN, 1.0 - obj["r"] - EDGE_MARGIN
+                for _ in range(60):  # tries per object
+                    cand = dict(obj, x=float(rng.uniform(lo, hi)), y=float(rng.uniform(lo, hi)))
+                    if all(_pair_ok(cand, p) for p in placed):
+                        placed.append(cand)
+                        break
+                else:
+                    break
+            if len(placed) == n:
+                objects = [{k: o[k] for k in ("shape", "colour", "size", "x", "y", "r", "angle")} for o in placed]
+                relations = [[i, relation_between(objects[i], objects[j]), j]
+                             for i in range(n) for j in range(n) if i != j]
+                return {"objects": objects, "relations": relations}
+    raise RuntimeError("could not place the scene's objects")  # pragma: no cover - not reachable in practice
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _upsample(small: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """Smoothly upsample a small float32 (h, w) field to (size, size)."""
+    return np.asarray(Image.fromarray(small.astype(np.float32), mode="F").resize((size, size), resample))
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Low-saturation texture: a smooth colour gradient, soft grey blotches and faint colour mottling."""
+    grey = rng.uniform(70.0, 190.0)
+    tint = rng.uniform(-10.0, 10.0, size=3)
+    g = int(rng.integers(2, 4))
+    lightness = rng.uniform(-30.0, 30.0, size=(g, g))
+    chroma = rng.uniform(-6.0, 6.0, size=(g, g, 3))
+    b = int(rng.integers(6, 16))
+    blotch = rng.normal(0.0, rng.uniform(8.0, 20.0), size=(b, b))
+    mottle = rng.normal(0.0, 3.0, size=(b, b, 3))
+    shade = _upsample(lightness, size, Image.BILINEAR) + _upsample(blotch, size, Image.BICUBIC)
+    img = np.empty((size, size, 3), np.float32)
+    for c in range(3):
+        img[..., c] = (shade + _upsample(chroma[..., c], size, Image.BILINEAR)
+                       + _upsample(mottle[..., c], size, Image.BICUBIC))
+    img += (grey + tint).astype(np.float32)
+    return img
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    a0 = math.radians(angle) - math.pi / 2  # angle 0: a vertex points up
+    if shape == "square":
+        pts = [(r, a0 + math.pi / 4 + k * math.pi / 2) for k in range(4)]
+    elif shape == "triangle":
+        pts = [(r, a0 + k * 2 * math.pi / 3) for k in range(3)]
+    elif shape == "star":
+        pts = [(r if k % 2 == 0 else 0.45 * r, a0 + k * math.pi / 5) for k in range(10)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return [(cx + rad * math.cos(t), cy + rad * math.sin(t)) for rad, t in pts]
+
+
+def _object_mask(obj: dict, size: int) -> tuple[np.ndarray, int, int]:
+    """Anti-aliased coverage in [0, 1] of an object, drawn at 2x over its bounding box; plus the box origin."""
+    cx, cy, r = obj["x"] * size, obj["y"] * size, obj["r"] * size
+    x0, y0 = max(int(math.floor(cx - r)) - 1, 0), max(int(math.floor(cy - r)) - 1, 0)
+    x1, y1 = min(int(math.ceil(cx + r)) + 2, size), min(int(math.ceil(cy + r)) + 2, size)
+    w, h = x1 - x0, y1 - y0
+    canvas = Image.new("L", (2 * w, 2 * h), 0)
+    draw = ImageDraw.Draw(canvas)
+    lx, ly, lr = 2 * (cx - x0), 2 * (cy - y0), 2 * r
+    if obj["shape"] == "circle":
+        draw.ellipse([lx - lr, ly - lr, lx + lr, ly + lr], fill=255)
+    else:
+        draw.polygon(_polygon(obj["shape"], lx, ly, lr, obj["angle"]), fill=255)
+    mask = np.asarray(canvas.reduce(2), dtype=np.float32) * (1.0 / 255.0)
+    return mask, x0, y0
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Render a scene as an RGB image of `image_size` x `image_size` pixels."""
+    size = int(image_size)
+    img = _background(size, rng)
+    for obj in scene["objects"]:
+        colour = np.asarray(COLOUR_RGB[obj["colour"]], np.float32) + rng.uniform(-12.0, 12.0, size=3).astype(np.float32)
+        mask, x0, y0 = _object_mask(obj, size)
+        h, w = mask.shape
+        region = img[y0:y0 + h, x0:x0 + w]
+        a = mask[..., None]
+        region *= 1.0 - a
+        region += a * colour
+    img += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(rng.uniform(3.0, 8.0))
+    np.clip(img, 0.0, 255.0, out=img)
+    return Image.fromarray((img + 0.5).astype(np.uint8), mode="RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _mention(obj: dict, rng: np.random.Generator) -> str:
+    words = ([obj["size"]] if rng.random() < SIZE_PROBABILITY else []) + [obj["colour"], obj["shape"]]
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+def _describe_once(scene: Scene, rng: np.random.Generator) -> str:
+    objs = scene["objects"]
+    n = len(objs)
+    opener = _choice(rng, OPENERS)
+    if n == 0:
+        return opener + "nothing"
+    if n == 1:
+        return opener + _mention(objs[0], rng)
+    a, b = (int(k) for k in rng.choice(n, size=2, replace=False))
+    rel = relation_between(objs[a], objs[b])  # relation of a to b; the pair is drawn in either order
+    is_ = " is" if opener == "" and rng.random() < 0.3 else ""
+    core = f"{_mention(objs[a], rng)}{is_} {_choice(rng, RELATION_PHRASES[rel])} {_mention(objs[b], rng)}"
+    if n == 2:
+        return opener + core
+    c = next(k for k in range(n) if k not in (a, b))
+    conn = _choice(rng, CONNECTIVES)
+    if rng.random() < 0.7:
+        return f"{opener}{core} {conn} {_mention(objs[c], rng)}"
+    core = core.replace(" is ", " ", 1) if is_ else core
+    return f"{opener}{_mention(objs[c], rng)} {conn} {core}"
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator) -> str:
+    """One reference caption drawn from the grammar (at most MAX_CAPTION_TOKENS tokens)."""
+    while True:
+        text = _describe_once(scene, rng)
+        if len(tokenize(text)) <= MAX_CAPTION_TOKENS:
+            return text
+
+
+@dataclass
+class ParsedCaption:
+    """Object mentions (size or None, colour, shape) in order of mention, and the stated relations as
+    (index of subject mention, relation, index of object mention)."""
+
+    objects: list[tuple[str | None, str, str]] = field(default_factory=list)
+    relations: list[tuple[int, str, int]] = field(default_factory=list)
+
+
+def parse_caption(text: str) -> ParsedCaption:
+    """Parse a caption (reference or model output) into mentions and relations; unknown words are ignored.
+
+    A mention is a colour word directly followed by a shape word, optionally preceded by a size word.
+    A relation is "left of"/"right of" (any "to the"/"on the" before it is just ignored) or one of
+    above/over/below/under/beneath; its subject is the last mention before it and its object the first
+    mention after it (a relation without both is dropped).
+    """
+    toks = tokenize(text)
+    out = ParsedCaption()
+    pending: list[tuple[int, str]] = []  # (subject mention index, relation) waiting for their object
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        if t in COLOURS and i + 1 < len(toks) and toks[i + 1] in SHAPES:
+            size = toks[i - 1] if i > 0 and toks[i - 1] in SIZES else None
+            out.objects.append((size, t, toks[i + 1]))
+            idx = len(out.objects) - 1
+            out.relations.extend((s, rel, idx) for s, rel in pending)
+            pending = []
+            i += 2
+            continue
+        rel = None
+        if t in ("left", "right") and i + 1 < len(toks) and toks[i + 1] == "of":
+            rel, step = t, 2
+        elif t in _REL_WORDS:
+            rel, step = _REL_WORDS[t], 1
+        if rel is not None:
+            if out.objects:
+                pending.append((len(out.objects) - 1, rel))
+            i += step
+            continue
+        i += 1
+    return out
+
+
+def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
+    """Score captions semantically against their scenes (one scene per hypothesis).
+
+    object_accuracy: multiset of mentioned (colour, shape) equals the scene's exactly.
+    size_accuracy: over mentions stating a size that match a scene object, fraction with the right size.
+    relation_rate: over captions of multi-object scenes, fraction stating a relation.
+    relation_axis_accuracy / relation_accuracy: over captions of multi-object scenes that state a relation,
+        fraction whose relations all have both mentions matching (distinct) scene objects and the right axis /
+        the right direction.
+    count_accuracy: number of distinct mentioned (colour, shape) equals the number of scene objects.
+    An empty denominator gives 0.0.
+    """
+    if len(hypotheses) != len(scenes):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(scenes)} scenes")
+    n_obj = n_count = 0
+    size_total = size_right = 0
+    multi = stated = axis_right = rel_right = 0
+    for text, scene in zip(hypotheses, scenes):
+        objs = scene["objects"]
+        index = {(o["colour"], o["shape"]): k for k, o in enumerate(objs)}
+        parsed = parse_caption(text)
+        mentioned = [(c, s) for _, c, s in parsed.objects]
+        n_obj += Counter(mentioned) == Counter(list(index))
+        n_count += len(set(mentioned)) == len(objs)
+        for size, c, s in parsed.objects:
+            if size is not None and (c, s) in index:
+                size_total += 1
+                size_right += objs[index[(c, s)]]["size"] == size
+        if len(objs) >= 2:
+            multi += 1
+            if parsed.relations:
+                stated += 1
+                ok_axis = ok_dir = True
+                for si, rel, oi in parsed.relations:
+                    a, b = index.get(mentioned[si]), index.get(mentioned[oi])
+                    if a is None or b is None or a == b:
+                        ok_axis = ok_dir = False
+                        continue
+                    truth = relation_between(objs[a], objs[b])
+                    ok_axis &= AXIS[truth] == AXIS[rel]
+                    ok_dir &= truth == rel
+                axis_right += ok_axis
+                rel_right += ok_dir
+    n = len(hypotheses)
+
+    def frac(num: int, den: int) -> float:
+        return float(num) / den if den else 0.0
+
+    return {
+        "object_accuracy": frac(n_obj, n),
+        "size_accuracy": frac(size_right, size_total),
+        "relation_rate": frac(stated, multi),
+        "relation_axis_accuracy": frac(axis_right, stated),
+        "relation_accuracy": frac(rel_right, stated),
+        "count_accuracy": frac(n_count, n),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset generation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def generate_example(seed: int, split: str, index: int, image_size: int = 224,
+                     captions_per_image: int = 5) -> tuple[Scene, Image.Image, list[str]]:
+    """Scene, image and captions of image `index` of `split`, from `default_rng([seed, split_index, index])`.
+
+    The scene is drawn first, then two sub-seeds for rendering and captions, so the captions do not depend on
+    the image size and the image does not depend on the number of captions.
+    """
+    rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
+    scene = generate_scene(rng)
+    render_seed, caption_seed = (int(s) for s in rng.integers(0, 2**63 - 1, size=2))
+    image = render_scene(scene, image_size, np.random.default_rng(render_seed))
+    crng = np.random.default_rng(caption_seed)
+    captions = [describe_scene(scene, crng) for _ in range(int(captions_per_image))]
+    return scene, image, captions
+
+
+def shapes_folder_name(num_train: int, num_val: int, num_test: int, seed: int, image_size: int,
+                       captions_per_image: int = 5) -> str:
+    name = f"shapes-s{seed}-{image_size}px-{num_train}-{num_val}-{num_test}"
+    return name if captions_per_image == 5 else f"{name}-c{captions_per_image}"
+
+
+def _records_from_annotations(folder: Path) -> list[CaptionRecord]:
+    ann = json.loads((folder / ANNOTATIONS).read_text())
+    records = []
+    for item in ann["images"]:
+        records.append(CaptionRecord(image=folder / item["file"], captions=list(item["captions"]),
+                                     split=item["split"], key=item["file"], meta={"scene": item["scene"]}))
+    order = {s: k for k, s in enumerate(SPLITS)}
+    records.sort(key=lambda r: (order[r.split], r.key))
+    return records
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temp folders of interrupted runs on this host whose process is gone (never a live one's)."""
+    host = socket.gethostname()
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        parts = tmp.name.rsplit(".tmp-", 1)[-1].split("-")
+        if len(parts) < 3 or "-".join(parts[:-2]) != host:
+            continue
+        try:
+            pid = int(parts[-2])
+            if pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
+def build_shapes(root: str | Path, num_train: int = 3000, num_val: int = 300, num_test: int = 300, seed: int = 0,
+                 image_size: int = 224, captions_per_image: int = 5, progress: bool = True) -> CaptionDataset:
+    """Generate (or reuse) the shapes dataset under `root` and return it as a CaptionDataset.
+
+    Generates into a temp sibling folder and renames it into place at the end, so a folder with
+    annotations.json is always complete; such a folder is reused without regenerating.
+    """
+    counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
+    if any(v < 0 for v in counts.values()):
+        raise DatasetError(f"shapes: split sizes must be >= 0, got {counts}")
+    if image_size < 16:
+        raise DatasetError(f"shapes: image_size must be >= 16 pixels, got {image_size}")
+    if captions_per_image < 1:
+        raise DatasetError(f"shapes: captions_per_image must be >= 1, got {captions_per_image}")
+    root = Path(root).expanduser().resolve()
+    folder = root / shapes_folder_name(num_train, num_val, num_test, seed, image_size, captions_per_image)
+    if not (folder / ANNOTATIONS).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(folder)
+        tmp = root / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _generate_into(tmp, counts, seed, image_size, captions_per_image, progress)
+            if folder.exists() and not (folder / ANNOTATIONS).is_file():
+                shutil.rmtree(folder)  # an incomplete folder (not written by us): replace it
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not (folder / ANNOTATIONS).is_file():  # not a concurrent build that finished first
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    records = _records_from_annotations(folder)
+    return CaptionDataset(name="shapes", root=folder, records=records, skipped=SkipReport("shapes"))
+
+
+def _generate_into(tmp: Path, counts: dict[str, int], seed: int, image_size: int, captions_per_image: int,
+                   progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    (tmp / "images").mkdir(parents=True)
+    items = []
+    total = sum(counts.values())
+    with tqdm(total=total, unit="img", desc=f"shapes: generating {total} images", disable=not progress) as bar:
+        for split in SPLITS:
+            for i in range(counts[split]):
+                scene, image, captions = generate_example(seed, split, i, image_size, captions_per_image)
+                rel = f"images/{split}_{i:06d}.jpg"
+                image.save(tmp / rel, format="JPEG", quality=95)
+                items.append({"file": rel, "split": split, "index": i, "scene": scene, "captions": captions})
+                bar.update(1)
+    ann = {
+        "name": "shapes",
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "captions_per_image": captions_per_image,
+        "counts": counts,
+        "vocab": {k: list(v) for k, v in OBJECT_VOCAB.items()},
+        "images": items,
+    }
+    (tmp / ANNOTATIONS).write_text(json.dumps(ann))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference agreement
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_agreement(dataset_or_records: CaptionDataset | Iterable[CaptionRecord]) -> float:
+    """Corpus BLEU-4 (0-1) of each image's first reference against its other references.
+
+    A ceiling-like number for the references' wording variety: how well a perfect "one of the references"
+    caption could score. Records with fewer than two captions are ignored.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    records = dataset_or_records.records if isinstance(dataset_or_records, CaptionDataset) else dataset_or_records
+    gts, res = {}, {}
+    for k, rec in enumerate(records):
+        caps = [normalize(c) for c in rec.captions]
+        if len(caps) < 2:
+            continue
+        gts[k], res[k] = caps[1:], caps[:1]
+    if not gts:
+        raise ValueError("reference_agreement needs at least one record with two or more captions")
+    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(score[3])

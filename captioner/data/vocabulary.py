@@ -1,0 +1,109 @@
+"""Tokenizer and Vocabulary.
+
+One tokenizer is used everywhere text is compared or encoded: building the vocabulary, encoding training
+targets, normalising references and hypotheses for BLEU/CIDEr. Evaluating with a different normalisation than
+training is one of the classic silent BLEU killers, so there is exactly one `tokenize`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
+SPECIALS = (PAD, SOS, EOS, UNK)
+
+# A word is a run of letters/digits (apostrophes inside words kept: "man's"); every other visible character
+# is its own token, so "dog." -> ["dog", "."] and "grass,running" -> ["grass", ",", "running"].
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[^\w\s]", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase, NFKC-normalise, split off punctuation; tolerant of unicode and stray whitespace."""
+    text = unicodedata.normalize("NFKC", text or "").lower()
+    text = text.replace("\u2019", "'").replace("`", "'")
+    return _TOKEN.findall(text)
+
+
+def normalize(text: str) -> str:
+    """The canonical whitespace-joined form used for metrics (torchmetrics BLEU splits on whitespace)."""
+    return " ".join(tokenize(text))
+
+
+class Vocabulary:
+    """Word <-> index map with `<pad>`=0, `<sos>`=1, `<eos>`=2, `<unk>`=3."""
+
+    def __init__(self, words: Sequence[str] = ()) -> None:
+        self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+
+    pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        """Build from (training-split) captions, keeping words seen at least `min_count` times.
+
+        Words are ordered by descending count, ties alphabetically, so the same captions give the same ids.
+        """
+        counts = Counter(tok for c in captions for tok in tokenize(c))
+        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Text -> ids wrapped in <sos> ... <eos>. `max_length` caps the number of word tokens."""
+        ids = [self.stoi.get(t, self.unk_id) for t in tokenize(text)]
+        if max_length is not None:
+            ids = ids[:max_length]
+        return [self.sos_id, *ids, self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; stops at the first <eos>, drops <pad>/<sos>/<eos> (keeps <unk> visible)."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.pad_id, self.sos_id):
+                continue
+            words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        return " ".join(words)
+
+    def to_dict(self) -> dict:
+        return {"itos": self.itos}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocabulary":
+        itos = list(d["itos"])
+        if tuple(itos[:4]) != SPECIALS:
+            raise ValueError(f"vocabulary must start with {SPECIALS}, got {itos[:4]}")
+        return cls(itos[4:])
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def encode_captions(vocab: Vocabulary, captions: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Encode many captions; returns (ids, number of captions truncated to `max_length` words)."""
+    out, truncated = [], 0
+    for c in captions:
+        n = len(tokenize(c))
+        truncated += n > max_length
+        out.append(vocab.encode(c, max_length))
+    return out, truncated
