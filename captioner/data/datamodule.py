@@ -47,7 +47,22 @@ class _FeatureRows:
         return torch.from_numpy(out)
 
 
-class CaptionPairs(Dataset):
+class _RowBatches(Dataset):
+    """A dataset over `self.rows` whose batches are built at once by `__getitems__` (one memmap read a batch)."""
+
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices) -> dict:
+        raise NotImplementedError
+
+
+class CaptionPairs(_RowBatches):
     """(image features, caption) training pairs: one sample per caption.
 
     A batch carries each distinct image's features once (`features`, (U, ...)) and `caption_image` (B,) maps each
@@ -57,12 +72,6 @@ class CaptionPairs(Dataset):
 
     def __init__(self, features: _FeatureRows, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self.features, self.rows, self.tokens, self.lengths = features, rows, tokens, lengths
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.__getitems__([i])
 
     def __getitems__(self, indices) -> dict:
         idx = np.asarray(indices, dtype=np.int64)
@@ -111,7 +120,7 @@ class ImageGroupedBatches(Sampler[list[int]]):
         return len(self._batches())
 
 
-class CaptionImages(Dataset):
+class CaptionImages(_RowBatches):
     """Each image once, with all of its normalised references (for BLEU/CIDEr against every reference)."""
 
     def __init__(self, features: _FeatureRows, rows: np.ndarray, records: list[CaptionRecord],
@@ -120,12 +129,6 @@ class CaptionImages(Dataset):
         self.references = [[normalize(c) for c in r.captions] for r in records]
         # token ids of every reference, for the validation loss (teacher forcing on all references)
         self.reference_ids = [encode_captions(vocab, r.captions, max_length)[0] for r in records]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.__getitems__([i])
 
     def __getitems__(self, indices) -> dict:
         idx = np.asarray(indices, dtype=np.int64)
