@@ -1,7 +1,7 @@
 """Feature extraction images/s (decode + resize + forward + fp16 write) beside the bare encoder forward images/s
 at the same batch size, on the same machine in one run; plus the cache size on disk.
 
-usage: python experiments/extraction_speed.py [--images 400] [--batch-size 8] [--num-workers 2]
+usage: python experiments/extraction_speed.py [--images 400] [--batch-size 8] [--num-workers 1]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--spatial", action="store_true", help="also store the 7x7 token grid")
     args = ap.parse_args()
 
