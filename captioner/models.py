@@ -1,8 +1,7 @@
 """LightningModules: one per model family, wrapping a swappable decoder over cached encoder features.
 
 - `RecurrentCaptioner` (variants 1-4): a pooled image vector into an RNN/LSTM decoder;
-- `AttentionCaptioner` (variant 5): spatial tokens into the transformer decoder (whose cross-attention maps
-  can be shown).
+- `AttentionCaptioner` (variant 5): spatial tokens into the transformer decoder.
 Both share one step for train/val/test: teacher-forced cross-entropy ignoring padding; validation and test also
 decode for real (greedy by default; beam search with `decode.beam_size>1`) and score against all references.
 The checkpoint carries everything needed to caption new images later: vocabulary, decoder config, encoder spec

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .config import resolve_device
 from .data.datamodule import CaptionDataModule
 from .models import FAMILIES
 
@@ -46,8 +46,7 @@ def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
         batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
         num_workers=cfg.loader.num_workers, min_word_count=cfg.text.min_word_count, max_length=cfg.text.max_length,
         extraction={"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers,
-                    "device": "cuda" if cfg.features.device == "auto" and torch.cuda.is_available()
-                    else ("cpu" if cfg.features.device == "auto" else cfg.features.device)},
+                    "device": resolve_device(cfg.features.device)},
         vocab=vocab, group_by_image=cfg.loader.group_by_image, seed=cfg.seed)
 
 
