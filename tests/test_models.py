@@ -41,7 +41,7 @@ def test_variant_overfits_a_few_images(model, few_images_root):
     optimizer = module.configure_optimizers.__self__.optimizer_factory(params=module.parameters())
     losses = []
     module.train()
-    for _ in range(150):
+    for _ in range(250):
         loss = module.caption_loss(batch["features"], batch["captions"], batch["caption_image"])
         optimizer.zero_grad()
         loss.backward()
