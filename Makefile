@@ -39,7 +39,16 @@ train: $(VENV)/.installed ## train + test one captioner offline (experiment=shap
 sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra multirun
 	$(PY) train.py -m model=resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
 
+# The newest sweep by its multirun.yaml, which Hydra writes once when a sweep starts: writing a report into an older
+# sweep later touches that sweep's directory, but must not make it the "newest".
+SWEEP ?= $(shell ls -t multirun/*/multirun.yaml 2>/dev/null | head -n 1 | xargs -r dirname)
+
+report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ (SWEEP=multirun/<dir>; default: newest)
+	@if [ -z "$(SWEEP)" ]; then echo "error: no sweep found under multirun/ (no multirun/*/multirun.yaml): run" \
+		"'make sweep' first, or name one: make report SWEEP=path/to/sweep" >&2; exit 1; fi
+	$(PY) experiments/compare.py "$(SWEEP)"
+
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-all inspect prepare train sweep clean
+.PHONY: help install test test-all inspect prepare train sweep report clean

@@ -88,6 +88,7 @@ class Captioner(L.LightningModule):
         features, captions = batch["features"], batch["captions"]
         loss = self.caption_loss(features, captions, batch["caption_image"])
         if stage == "train":
+            self._check_finite(loss)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(captions))
             return loss
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(captions))
@@ -99,6 +100,15 @@ class Captioner(L.LightningModule):
             {"index": int(i), "hypothesis": h, "references": r}
             for i, h, r in zip(batch["index"].tolist(), hypotheses, batch["references"]))
         return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first NaN/inf training loss, before it reaches the weights: checkpoints are only written at
+        epoch ends, so the last one on disk is from before the divergence."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "nothing after the last finished epoch was saved, so checkpoints/last.ckpt is the last good state. "
+                "Lower optimizer.lr (or use trainer.precision=32-true), then resume with ckpt_path=last")
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -130,7 +140,8 @@ class Captioner(L.LightningModule):
         self.eval_outputs = outs
         results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
                                   meteor=self.hparams.meteor)
-        results.update(self._semantic("test"))
+        dm = getattr(self.trainer, "datamodule", None)
+        results.update(self._semantic(getattr(dm, "test_split", "test")))
         self.test_results, self.test_predictions = results, outs
         for name, value in results.items():
             if value is not None:

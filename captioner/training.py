@@ -39,6 +39,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
+    """The DataModule of a composed config (`vocab`: a checkpoint's, instead of building one from train)."""
     return CaptionDataModule(
         data=OmegaConf.to_container(cfg.data, resolve=True),
         encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
@@ -47,7 +48,7 @@ def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
         num_workers=cfg.loader.num_workers, min_word_count=cfg.text.min_word_count, max_length=cfg.text.max_length,
         extraction={"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers,
                     "device": resolve_device(cfg.features.device)},
-        vocab=vocab, group_by_image=cfg.loader.group_by_image, seed=cfg.seed)
+        vocab=vocab, group_by_image=cfg.loader.group_by_image, seed=cfg.seed, test_split=cfg.get("split", "test"))
 
 
 def build_model(cfg: DictConfig, dm: CaptionDataModule):
@@ -112,7 +113,7 @@ def train(cfg: DictConfig) -> float:
         "data_stats": {k: v for k, v in dm.stats.items()},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
+    write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
     for lg in loggers:
         lg.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
         _log_samples(lg, dm, model.test_predictions)
@@ -153,12 +154,14 @@ def _epoch_of(path: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _write_predictions(path: Path, dm: CaptionDataModule, predictions: list[dict]) -> None:
-    records = dm.records["test"]
+def write_predictions(path: Path, dm: CaptionDataModule, predictions: list[dict]) -> None:
+    """predictions.jsonl: one line per evaluated image (image key and path, hypothesis, references)."""
+    records = dm.records[dm.test_split]
     with open(path, "w") as f:
         for p in predictions:
-            f.write(json.dumps({"image": records[p["index"]].key, "hypothesis": p["hypothesis"],
-                                "references": p["references"]}) + "\n")
+            record = records[p["index"]]
+            f.write(json.dumps({"image": record.key, "image_path": str(record.image),
+                                "hypothesis": p["hypothesis"], "references": p["references"]}) + "\n")
 
 
 def _finish_wandb(loggers) -> None:

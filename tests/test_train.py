@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,16 @@ def test_multirun_over_the_five_variants(tmp_path):
     # each job has its own offline W&B run (not all logging into the first job's run), in one shared group
     wandb_runs = {p.parent.parent.parent.name: p.parent.name for p in sweep.glob("*/wandb/offline-run-*/files")}
     assert len(wandb_runs) == 5 and len(set(wandb_runs.values())) == 5
+
+    # the comparison report over this sweep, as `make report` runs it
+    r = subprocess.run([sys.executable, "experiments/compare.py", str(sweep), "--bootstrap", "200",
+                        "--html-images", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = sweep / "report"
+    md = (report / "report.md").read_text()
+    assert all(f"| {m} |" in md for m in models) and "| best | best |" in md
+    assert (report / "loss_curves.png").stat().st_size > 0 and (report / "bleu_curves.png").stat().st_size > 0
+    page = (report / "report.html").read_text()
+    srcs = re.findall(r"<img [^>]*src='([^']*)'", page)
+    assert len(srcs) >= 2 + 3 and all(s.startswith("data:image/") for s in srcs)  # figures + test images
+    assert len(json.loads((report / "report.json").read_text())["runs"]) == 5

@@ -162,6 +162,7 @@ class CaptionDataModule(L.LightningDataModule):
         progress: bool = True,
         group_by_image: bool = True,
         seed: int = 0,
+        test_split: str = "test",
     ) -> None:
         super().__init__()
         if feature not in ("pooled", "spatial"):
@@ -173,6 +174,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.extraction = dict(extraction or {})
         self.vocab, self.progress = vocab, progress
         self.group_by_image, self.seed = group_by_image, seed
+        if test_split not in ("val", "test"):
+            raise ValueError(f"test_split must be 'val' or 'test' (config key split), got '{test_split}'")
+        self.test_split = test_split  # what `trainer.test` evaluates (eval.py can point it at val)
         self.dataset: CaptionDataset | None = None
         self.caches: dict[str, FeatureCache] = {}
         self.splits: dict[str, Dataset] = {}
@@ -263,4 +267,4 @@ class CaptionDataModule(L.LightningDataModule):
         return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_split, self.eval_batch_size, shuffle=False)

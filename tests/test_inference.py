@@ -1,0 +1,132 @@
+"""Using a trained checkpoint as a user does: `eval.py`, `captioner-caption` (with attention maps), and loading
+checkpoints as data only (a pickle payload is refused, never run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
+        "text.min_word_count=1", "metrics.meteor=false"]
+
+
+def _run(args, root, timeout=600):
+    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory):
+    """A tiny trained dino_attention run (2 epochs on 40 shapes images): its root and run dir."""
+    root = tmp_path_factory.mktemp("inference")
+    run_dir = root / "run"
+    r = _run(["train.py", "model=dino_attention", "trainer.max_epochs=2", *TINY, f"hydra.run.dir={run_dir}"], root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, run_dir
+
+
+def _best(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+
+
+def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attention_run):
+    root, run_dir = attention_run
+    train_metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = root / "eval-greedy"
+    # the same precision as the training run (model=dino_attention trains with bf16 autocast)
+    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed", f"hydra.run.dir={out}"], root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    # the same checkpoint, data and greedy decoding as the test at the end of training: the same numbers
+    for key in ("bleu_4", "cider", "rouge_l", "object_accuracy"):
+        assert m["test"][key] == pytest.approx(train_metrics["test"][key], abs=1e-9), key
+    assert m["images"] == 10 and m["decode"]["beam_size"] == 1 and m["encoder"] == "efficientnet_lite0"
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
+
+    beam = root / "eval-beam"
+    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "decode.beam_size=3", "split=val",
+              f"hydra.run.dir={beam}"], root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((beam / "metrics.json").read_text())
+    assert m["decode"]["beam_size"] == 3 and m["split"] == "val" and 0 <= m["test"]["bleu_4"] <= 1
+
+
+def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run):
+    root, run_dir = attention_run
+    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "encoder=resnet50",
+              f"hydra.run.dir={root / 'eval-wrong'}"], root)
+    assert r.returncode != 0
+    assert "efficientnet_lite0" in r.stderr and "resnet50" in r.stderr
+    assert not (root / "eval-wrong" / "metrics.json").exists()
+
+
+def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention_run, tmp_path):
+    root, run_dir = attention_run
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    Image.new("RGBA", (64, 40), (255, 0, 0, 128)).save(images / "alpha.png")
+    Image.new("L", (333, 200), 90).save(images / "nested" / "gray.webp")
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(images / "tiny.jpg")
+    (images / "broken.jpg").write_bytes(b"this is not a jpeg")
+    maps = tmp_path / "maps"
+    r = _run(["-m", "captioner.caption", "--ckpt", _best(run_dir), str(images), "--json", "--beam-size", "2",
+              "--attention-maps", str(maps)], root)
+    assert r.returncode == 1, r.stderr[-3000:]  # 1: some files skipped, the rest captioned
+    assert "broken.jpg" in r.stderr and "not a readable image" in r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(os.path.basename(x["file"]) for x in rows) == ["alpha.png", "gray.webp", "tiny.jpg"]
+    for row in rows:
+        assert isinstance(row["caption"], str) and "<eos>" not in row["caption"]
+        with Image.open(row["attention_map"]) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_attention_maps_are_distributions_over_the_grid(attention_run):
+    from captioner.caption import ImageCaptioner
+
+    _, run_dir = attention_run
+    cap = ImageCaptioner(_best(run_dir), device="cpu")
+    image = Image.new("RGB", (224, 224), (120, 120, 120))
+    (res,) = cap.caption([image], attention=True)
+    assert res["attention"].shape == (len(res["words"]), 7, 7)
+    if res["words"]:
+        assert res["attention"].reshape(len(res["words"]), -1).sum(axis=1) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
+    from captioner.checkpoint import CheckpointError, load_captioner
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # unpickling this calls open(marker, "w"): it would create the file
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_captioner(evil)
+    assert not marker.exists()
+    # the same file loaded the unsafe way really would have run the payload: the test's payload is real
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_caption_command_explains_a_missing_checkpoint(tmp_path):
+    r = _run(["-m", "captioner.caption", "--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_a_diverging_training_stops_with_a_message_naming_the_step(tmp_path):
+    # lr=1e30: the first AdamW update throws every weight to ~1e30 and the next loss is NaN/inf
+    r = _run(["train.py", *TINY, "optimizer.lr=1e30", "loader.batch_size=8", "trainer.max_epochs=1",
+              f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert r.returncode != 0
+    assert "training loss became" in r.stderr and "at step" in r.stderr and "ckpt_path=last" in r.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
