@@ -1,28 +1,49 @@
 """The feature cache: run the frozen encoder once per (dataset, split, encoder, weights, transform, input size).
 
-Layout of one cache entry, `<cache_dir>/<key>/`:
-  manifest.json   keys (image order), shapes, encoder spec, failed images, sha256 of each array file
-  global.npy      (N, D)    float16
-  spatial.npy     (N, T, D) float16   (only when a config needs spatial tokens)
-Training opens the arrays with `np.load(mmap_mode="r")`: nothing is loaded whole into RAM.
+Layout under `cache_dir`:
+  <key>/manifest.json   keys (image order), shapes, encoder spec, unreadable images, batch size, and the sha256 of
+                        every chunk of `chunk_rows` rows of each array
+  <key>/global.npy      (N, D)    float16
+  <key>/spatial.npy     (N, T, D) float16   (only when a config needs spatial tokens)
+  <key>/verified.json   (size, mtime, inode) of each array when its checksums last matched
+  <key>.partial/        an extraction in progress: the arrays and progress.json
+  <key>.lock            flock'ed by the process that checks, builds or repairs <key>
+Training opens the arrays with `np.load(mmap_mode="r", allow_pickle=False)`: nothing is loaded whole into RAM, and
+a cache file can never run code (a pickled .npy is refused).
 
-Extraction writes into `<key>.partial/` (preallocated .npy files via open_memmap) and records its progress after
-each flushed chunk, so a killed extraction resumes where it stopped; only a finished extraction is renamed to
-`<key>/`, so a half-written cache can never look valid. Batches are the same on resume as in one go, so the result
-is byte-identical to an uninterrupted run.
+Guarantees (tests/test_reliability.py has a test for each):
+- Unreadable images (missing, empty, truncated, corrupt, not an image) never stop an extraction: their rows are
+  zeros, `manifest["failed"]` / `FeatureCache.failed` name each with the reason, and a warning lists them.
+- `kill -9` at any moment loses at most the chunk being written. Rows are flushed (msync) before progress.json
+  records them with their checksums, and progress.json is replaced atomically. The next run re-checks the recorded
+  chunks, encodes only the rest, with the recorded batch and chunk sizes, so the result is byte-identical to an
+  uninterrupted extraction. Only a finished extraction is renamed to `<key>/`: a half-written cache never looks
+  complete.
+- Damage on disk is detected when a cache is opened. The size and .npy header of each array are always checked
+  (cheap); the chunk checksums are checked whenever the file changed since it last verified, by size, mtime or
+  inode (hashing GBs of features on every open would cost seconds; a verification only counts when made 2 s or
+  more after the file's last write, because file timestamps are coarse). Only the damaged chunks are re-extracted;
+  a cache whose manifest is unreadable is rebuilt.
+- Concurrent processes (DDP ranks, two runs on one dataset) never build the same cache together: the first holds
+  `<key>.lock`, the others log "waiting for another process building ..." and then open its result. The kernel
+  drops the lock when its holder dies, kill -9 included, so a lock is never stale.
+- manifest.json, progress.json and verified.json are written to a temp file, fsync'ed and renamed into place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +53,17 @@ from .data.records import CaptionRecord
 from .encoders import EncoderSpec, FrozenEncoder, spec_transform, transform_signature
 from .images import ImageReadError, load_image
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent builds of one cache are then not prevented
+    fcntl = None
+
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the arrays' layout; it did not change when manifests gained per-chunk checksums
+DTYPE = np.dtype("<f2")
+ARRAYS = ("global.npy", "spatial.npy")
+STAMP = "verified.json"
+RACY_NS = 2_000_000_000  # a verification younger than this after the file's last write is not trusted later
 
 
 def cache_key(dataset_id: str, split: str, keys: Sequence[str], spec: EncoderSpec, transform_sig: str,
@@ -46,6 +76,22 @@ def cache_key(dataset_id: str, split: str, keys: Sequence[str], spec: EncoderSpe
         "transform": transform_sig, "spatial": spatial,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class CacheDamagedError(RuntimeError):
+    """A cache entry on disk does not match its manifest.
+
+    `chunks` lists the damaged chunk indices (re-extracting them repairs the entry); None means the entry cannot
+    be repaired (no readable manifest) and must be rebuilt.
+    """
+
+    def __init__(self, path: Path, problems: list[str], chunks: list[int] | None) -> None:
+        self.path, self.problems, self.chunks = path, problems, chunks
+        fix = "rebuilt" if chunks is None else "repaired (only the damaged rows are re-extracted)"
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"feature cache {path} is damaged: {'; '.join(problems[:5])}{more}. It is {fix} "
+                         f"automatically the next time its features are prepared (training or "
+                         f"python -m captioner.prepare); or delete {path} to rebuild it from scratch.")
 
 
 @dataclass
@@ -71,12 +117,200 @@ class FeatureCache:
         return np.array([k not in failed for k in self.keys], dtype=bool)
 
     @classmethod
-    def open(cls, path: Path) -> "FeatureCache":
-        manifest = json.loads((path / "manifest.json").read_text())
-        pooled = np.load(path / "global.npy", mmap_mode="r")
-        spatial = np.load(path / "spatial.npy", mmap_mode="r") if manifest["spatial"] else None
+    def open(cls, path: Path, verify: bool = True) -> "FeatureCache":
+        """Memory-map a finished entry; with `verify`, raise CacheDamagedError if it does not match its manifest."""
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if verify:
+            problems, damaged = _check_arrays(path, manifest)
+            if problems:
+                raise CacheDamagedError(path, problems, damaged)
+        # allow_pickle=False is numpy's default; spelled out because a pickled .npy could run code when loaded.
+        pooled = np.load(path / "global.npy", mmap_mode="r", allow_pickle=False)
+        spatial = (np.load(path / "spatial.npy", mmap_mode="r", allow_pickle=False) if manifest["spatial"]
+                   else None)
         return cls(path, manifest["keys"], pooled, spatial, tuple(manifest["grid"]), manifest.get("failed", {}))
 
+
+# --- files: atomic JSON, .npy arrays, checksums -------------------------------------------------------------------
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Temp file + fsync + rename: readers and a run after a crash see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (a power cut could otherwise undo it); not possible on every OS/filesystem."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object, or None when the file is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest = _read_json(path / "manifest.json")
+    try:
+        shapes = _manifest_shapes(manifest)
+        usable = True
+        if "chunk_rows" in manifest:  # per-chunk checksums: one per chunk of every array
+            count = math.ceil(len(manifest["keys"]) / manifest["chunk_rows"])
+            usable = (manifest["chunk_rows"] % manifest["batch_size"] == 0
+                      and all(len(manifest["chunks"][name]) == count for name in shapes))
+    except (TypeError, KeyError, ValueError, ZeroDivisionError):  # not JSON, fields missing or of the wrong type
+        usable = False
+    if not usable:  # nothing in it can be trusted
+        raise CacheDamagedError(path, [f"{path / 'manifest.json'} is missing or unreadable"], None)
+    return manifest
+
+
+def _shapes(n: int, dim: int, tokens: int, spatial: bool) -> dict[str, tuple[int, ...]]:
+    shapes = {"global.npy": (n, dim)}
+    if spatial:
+        shapes["spatial.npy"] = (n, tokens, dim)
+    return shapes
+
+
+def _manifest_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+    return _shapes(len(manifest["keys"]), manifest["dim"], math.prod(manifest["grid"]), manifest["spatial"])
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The exact header np.save writes for a C-order float16 array of `shape`: comparing it byte for byte checks
+    dtype and shape, and refuses an object (pickled) array, without parsing anything from the file."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(DTYPE), "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def _row_bytes(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) * DTYPE.itemsize
+
+
+def _open_array(path: Path, shape: tuple[int, ...], create: bool) -> np.memmap:
+    """A writable memmap of a .npy file of `shape`; with `create` a new zero-filled (sparse) file, otherwise the
+    existing one with its header rewritten and its size set to what the shape needs (repairing a damaged file's
+    layout; the damaged rows are then re-extracted by the caller)."""
+    header = _npy_header(shape)
+    with open(path, "wb" if create or not path.exists() else "r+b") as f:
+        f.write(header)
+        f.truncate(len(header) + shape[0] * _row_bytes(shape))
+    return np.memmap(path, dtype=DTYPE, mode="r+", offset=len(header), shape=shape)
+
+
+def _digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows)).hexdigest()
+
+
+def _file_digest(f, offset: int, size: int) -> str:
+    f.seek(offset)
+    return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def _chunk_ranges(n: int, chunk_rows: int, chunks: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    indices = range(math.ceil(n / chunk_rows)) if chunks is None else chunks
+    return [(c * chunk_rows, min(n, (c + 1) * chunk_rows)) for c in indices]
+
+
+def _check_arrays(path: Path, manifest: dict) -> tuple[list[str], list[int] | None]:
+    """(problems, damaged chunk indices) of a finished entry; ([], []) when it matches its manifest.
+
+    Sizes and headers are always checked; checksums only for files that changed since they last verified.
+    Manifests written before per-chunk checksums carry one sha256 per file: damage there means a rebuild (None).
+    """
+    n = len(manifest["keys"])
+    chunk_rows = manifest.get("chunk_rows")
+    all_chunks = list(range(math.ceil(n / chunk_rows))) if chunk_rows else None
+    stamp = _read_json(path / STAMP) or {}
+    new_stamp: dict[str, list[int]] = {}
+    problems: list[str] = []
+    damaged: set[int] = set()
+    for name, shape in _manifest_shapes(manifest).items():
+        file = path / name
+        header, row_bytes = _npy_header(shape), _row_bytes(shape)
+        expected = len(header) + n * row_bytes
+        try:
+            st = file.stat()
+            with open(file, "rb") as f:
+                head = f.read(len(header))
+        except OSError as e:
+            problems.append(f"{file} cannot be read ({type(e).__name__}: {e})")
+            damaged.update(all_chunks or [])
+            continue
+        intact = head == header and st.st_size == expected
+        if head != header:
+            problems.append(f"{file} does not start with the .npy header of a float16 array of shape {shape}")
+        elif st.st_size != expected:
+            problems.append(f"{file} has {st.st_size} bytes, expected {expected} for shape {shape} (truncated or "
+                            "overwritten)")
+        signature = [st.st_size, st.st_mtime_ns, st.st_ino]
+        old = stamp.get(name)
+        if intact and old and old[:3] == signature and old[3] - st.st_mtime_ns >= RACY_NS:
+            new_stamp[name] = old  # unchanged since a trusted verification: not re-hashed
+            continue
+        if all_chunks is None:  # an older manifest: one checksum for the whole file
+            if manifest.get("sha256", {}).get(name) not in (None, _sha256(file)):
+                problems.append(f"{file} fails its checksum")
+            elif intact:
+                new_stamp[name] = signature + [time.time_ns()]
+            continue
+        if head != header:
+            bad = all_chunks  # rows behind a foreign header cannot be trusted (nor located): all come back
+        else:
+            with open(file, "rb") as f:  # a chunk past the end of a truncated file reads short and fails
+                bad = [c for c, (a, b) in enumerate(_chunk_ranges(n, chunk_rows))
+                       if _file_digest(f, len(header) + a * row_bytes, (b - a) * row_bytes)
+                       != manifest["chunks"][name][c]]
+        if bad and head == header:
+            rows = ", ".join(f"{a}-{b - 1}" for a, b in _chunk_ranges(n, chunk_rows, bad))
+            problems.append(f"{file} rows {rows} fail their checksum")
+        damaged.update(bad)
+        if intact and not bad:
+            new_stamp[name] = signature + [time.time_ns()]
+    if not problems and new_stamp != stamp:
+        try:
+            _atomic_write_text(path / STAMP, json.dumps(new_stamp))
+        except OSError:  # a read-only cache (shared disk): it is simply verified again next time
+            pass
+    if problems and all_chunks is None:
+        return problems, None  # no per-chunk checksums to repair by: rebuild
+    return problems, sorted(damaged)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- encoding rows ------------------------------------------------------------------------------------------------
 
 class _ImageFiles(Dataset):
     """Decodes + transforms images in DataLoader workers, in parallel with the encoder forward."""
@@ -90,25 +324,250 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             return self.transform(load_image(self.paths[i])), ""
-        except ImageReadError as e:
+        except ImageReadError as e:  # a zero image keeps the batch shape; its row is zeroed and listed as failed
             return torch.zeros(3, self.input_size, self.input_size), str(e)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _encode_ranges(encoder: FrozenEncoder, records: Sequence[CaptionRecord], ranges: list[tuple[int, int]],
+                   arrays: dict[str, np.memmap], batch_size: int, num_workers: int, device,
+                   on_range: Callable[[int, int, dict[str, str]], None], bar) -> None:
+    """Encode the rows of each [a, b) range into `arrays`; after each range, `on_range(a, b, failed)`.
+
+    Every range starts at a multiple of `batch_size` and all but the array's last chunk are whole multiples of it,
+    so the batches are exactly those of an extraction in one go, and so are the resulting bytes.
+    """
+    rows = [i for a, b in ranges for i in range(a, b)]
+    if not rows:
+        return
+    loader = DataLoader(
+        _ImageFiles([records[i].image for i in rows], encoder.transform(), encoder.spec.input_size),
+        batch_size=batch_size, num_workers=num_workers, shuffle=False,
+        pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    pending = iter(ranges)
+    a, b = next(pending)
+    pos, failed = a, {}
+    with torch.inference_mode():
+        for images, errors in loader:
+            g, s = encoder(images.to(device, non_blocking=True))
+            out = {"global.npy": g, "spatial.npy": s}
+            n = images.shape[0]
+            assert pos + n <= b, "a batch straddles two chunks"
+            for name, array in arrays.items():
+                array[pos:pos + n] = out[name].to("cpu", torch.float16).numpy()
+            for j, err in enumerate(errors):
+                if err:
+                    failed[records[pos + j].key] = err
+                    for array in arrays.values():
+                        array[pos + j] = 0
+            pos += n
+            bar.update(n)
+            if pos == b:
+                on_range(a, b, failed)
+                failed = {}
+                a, b = next(pending, (None, None))
+                pos = a
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _flush(arrays: dict[str, np.memmap]) -> None:
+    for array in arrays.values():
+        array.flush()  # msync: the rows are on disk before any JSON file says they are done
+
+
+# --- building, resuming, repairing ---------------------------------------------------------------------------------
+
+@contextmanager
+def _exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the block; wait (saying so) while another process holds it.
+
+    A lock file whose *existence* means "locked" would stay behind after a kill -9; an flock is released by the
+    kernel when its holder dies. The file is never deleted: a process that deleted it could let a third process
+    lock a fresh file while a second one still waits on the old one.
+    """
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # e.g. a read-only shared cache: opening a finished cache needs no lock
+        log.info("cannot create lock file %s (%s); not guarding against concurrent builds", path, e)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process building or checking the feature cache of %s (it holds %s); "
+                        "its result is reused", what, path)
+            start = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.info("lock %s acquired after %.1f s", path, time.monotonic() - start)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _resume(partial: Path, records: Sequence[CaptionRecord],
+            shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict[str, np.memmap]] | None:
+    """The progress of an interrupted extraction and its arrays, keeping only chunks whose rows still match their
+    recorded checksums; None when there is nothing usable to resume."""
+    state = _read_json(partial / "progress.json")
+    if (state is None or state.get("n") != len(records) or set(state.get("chunks", {})) != set(shapes)
+            or not isinstance(state.get("chunk_rows"), int) or not isinstance(state.get("batch_size"), int)):
+        return None
+    arrays = {}
+    for name, shape in shapes.items():
+        header = _npy_header(shape)
+        try:
+            with open(partial / name, "rb") as f:
+                ok = f.read(len(header)) == header
+            ok = ok and (partial / name).stat().st_size == len(header) + shape[0] * _row_bytes(shape)
+        except OSError:
+            ok = False
+        if not ok:
+            return None
+        arrays[name] = np.memmap(partial / name, dtype=DTYPE, mode="r+", offset=len(header), shape=shape)
+    recorded = min(len(digests) for digests in state["chunks"].values())
+    good = 0  # chunks 0 .. good-1 are trusted; from the first mismatch on, everything is encoded again
+    for c, (a, b) in enumerate(_chunk_ranges(len(records), state["chunk_rows"], range(recorded))):
+        if any(_digest(arrays[name][a:b]) != state["chunks"][name][c] for name in shapes):
+            break
+        good = c + 1
+    done = min(len(records), good * state["chunk_rows"])
+    keep = {r.key for r in records[:done]}
+    state["chunks"] = {name: digests[:good] for name, digests in state["chunks"].items()}
+    state["failed"] = {k: v for k, v in state.get("failed", {}).items() if k in keep}
+    state["done"] = done
+    return state, arrays
+
+
+def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str, spatial: bool,
+           batch_size: int, num_workers: int, flush_every: int, progress: bool, device) -> None:
+    """Extract into `<key>.partial/` (resuming it when possible) and rename it to `<key>/` when complete."""
+    from tqdm.auto import tqdm
+
+    partial = final.with_name(final.name + ".partial")
+    n = len(records)
+    shapes = _shapes(n, encoder.dim, encoder.num_tokens, spatial)
+    resumed = _resume(partial, records, shapes)
+    if resumed is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        state = {"n": n, "batch_size": batch_size, "chunk_rows": batch_size * flush_every, "done": 0,
+                 "chunks": {name: [] for name in shapes}, "failed": {}}
+        arrays = {name: _open_array(partial / name, shape, create=True) for name, shape in shapes.items()}
+    else:
+        state, arrays = resumed
+        if (state["batch_size"], state["chunk_rows"]) != (batch_size, batch_size * flush_every):
+            log.info("resuming with the interrupted run's batch size %d and chunk size %d, so that its features "
+                     "are byte-identical to an uninterrupted run", state["batch_size"], state["chunk_rows"])
+        log.info("resuming feature extraction of %s at image %d of %d", label, state["done"], n)
+
+    def chunk_done(a: int, b: int, failed: dict[str, str]) -> None:
+        _flush(arrays)
+        for name, array in arrays.items():
+            state["chunks"][name].append(_digest(array[a:b]))
+        state["failed"].update(failed)
+        state["done"] = b
+        _atomic_write_text(partial / "progress.json", json.dumps(state))
+
+    encoder = encoder.to(device)
+    bar = tqdm(total=n, initial=state["done"], desc=f"features {label}", unit="img", disable=not progress,
+               smoothing=0.1)
+    _encode_ranges(encoder, records, _chunk_ranges(n, state["chunk_rows"])[state["done"] // state["chunk_rows"]:],
+                   arrays, state["batch_size"], num_workers, device, chunk_done, bar)
+    bar.close()
+    arrays.clear()  # unmap before the rename
+
+    manifest = {
+        "version": FORMAT_VERSION, "label": label, "keys": [r.key for r in records], "spatial": spatial,
+        "grid": list(encoder.grid), "dim": encoder.dim, "encoder": encoder.spec.to_dict(),
+        "failed": {r.key: state["failed"][r.key] for r in records if r.key in state["failed"]},
+        "batch_size": state["batch_size"], "chunk_rows": state["chunk_rows"], "chunks": state["chunks"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _atomic_write_text(partial / "manifest.json", json.dumps(manifest))
+    # A kill between these lines leaves a complete .partial/ with its progress: the next run only renames it.
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    (final / "progress.json").unlink(missing_ok=True)
+
+
+def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str,
+            num_workers: int, progress: bool, device) -> None:
+    """Re-extract the rows of the damaged `chunks` in place, with the original batch size."""
+    from tqdm.auto import tqdm
+
+    manifest = _read_manifest(path)
+    n, chunk_rows = len(records), manifest["chunk_rows"]
+    ranges = _chunk_ranges(n, chunk_rows, chunks)
+    log.warning("feature cache of %s: re-extracting %d of %d images (damaged rows) in %s", label,
+                sum(b - a for a, b in ranges), n, path)
+    arrays = {name: _open_array(path / name, shape, create=False)
+              for name, shape in _manifest_shapes(manifest).items()}
+    redone = {records[i].key for a, b in ranges for i in range(a, b)}
+    failed = {k: v for k, v in manifest["failed"].items() if k not in redone}
+    changed = []
+
+    def chunk_done(a: int, b: int, chunk_failed: dict[str, str]) -> None:
+        _flush(arrays)
+        c = a // chunk_rows
+        for name, array in arrays.items():
+            digest = _digest(array[a:b])
+            if digest != manifest["chunks"][name][c]:
+                changed.append(f"{name} rows {a}-{b - 1}")
+                manifest["chunks"][name][c] = digest
+        failed.update(chunk_failed)
+
+    encoder = encoder.to(device)
+    bar = tqdm(total=len(redone), desc=f"repair {label}", unit="img", disable=not progress)
+    _encode_ranges(encoder, records, ranges, arrays, manifest["batch_size"], num_workers, device, chunk_done, bar)
+    bar.close()
+    arrays.clear()
+    if changed:
+        log.warning("re-extracted %s differ bit-wise from the original extraction (another torch version or "
+                    "device?); the manifest now records their new checksums", ", ".join(changed[:5]))
+    manifest["failed"] = {r.key: failed[r.key] for r in records if r.key in failed}
+    _atomic_write_text(path / "manifest.json", json.dumps(manifest))
+
+
+def _warn_failed(cache: FeatureCache, label: str) -> None:
+    if cache.failed:
+        log.warning("%d image(s) of %s could not be read and are left out: %s%s. Fix or remove them; after fixing, "
+                    "delete %s so that they are extracted again.", len(cache.failed), label,
+                    "; ".join(list(cache.failed.values())[:5]), " ..." if len(cache.failed) > 5 else "", cache.path)
+
+
+def _open_or_build(cache_dir: Path, key: str, records: Sequence[CaptionRecord],
+                   get_encoder: Callable[[], FrozenEncoder], label: str, spatial: bool = False, batch_size: int = 8,
+                   num_workers: int = 2, flush_every: int = 32, progress: bool = True,
+                   device: str | torch.device = "cpu") -> FeatureCache:
+    """The verified cache `<cache_dir>/<key>` of these records, built, resumed or repaired as needed, under the
+    entry's lock. `get_encoder` is only called when something has to be encoded."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / key
+    with _exclusive_lock(cache_dir / f"{key}.lock", label):
+        if final.exists():
+            try:
+                cache = FeatureCache.open(final)
+                if cache.keys != [r.key for r in records]:
+                    raise CacheDamagedError(final, ["its manifest lists other images than the dataset"], None)
+                _warn_failed(cache, label)
+                return cache
+            except CacheDamagedError as e:
+                log.warning("%s", e)
+                if e.chunks is not None:
+                    _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device)
+                    cache = FeatureCache.open(final)  # verified again: damage that persists is an error
+                    _warn_failed(cache, label)
+                    return cache
+                shutil.rmtree(final)
+        _build(final, records, get_encoder(), label, spatial, batch_size, num_workers, flush_every, progress,
+               device)
+        cache = FeatureCache.open(final, verify=False)  # every chunk was just checksummed while written
+        _warn_failed(cache, label)
+        return cache
 
 
 def prepare_features(
@@ -119,17 +578,20 @@ def prepare_features(
     spatial: bool = False,
     **extract_kwargs,
 ) -> dict[str, FeatureCache]:
-    """Open (or build) the cache of every split; the encoder is only built when some split is missing."""
+    """Open (or build) the cache of every split; the encoder is only built when some split must be encoded."""
     sig = transform_signature(spec_transform(spec))
+    encoder: FrozenEncoder | None = None
+
+    def get_encoder() -> FrozenEncoder:
+        nonlocal encoder
+        encoder = encoder or FrozenEncoder(spec)
+        return encoder
+
     out: dict[str, FeatureCache] = {}
-    encoder = None
     for split, records in records_by_split.items():
         key = cache_key(dataset_id, split, [r.key for r in records], spec, sig, spatial)
-        if (Path(cache_dir) / key / "manifest.json").exists():
-            out[split] = FeatureCache.open(Path(cache_dir) / key)
-            continue
-        encoder = encoder or FrozenEncoder(spec)
-        out[split] = extract_features(encoder, records, cache_dir, dataset_id, split, spatial, **extract_kwargs)
+        out[split] = _open_or_build(Path(cache_dir), key, records, get_encoder, f"{dataset_id}/{split}",
+                                    spatial=spatial, **extract_kwargs)
     return out
 
 
@@ -146,86 +608,12 @@ def extract_features(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> FeatureCache:
-    """Return the cache for these records, extracting (or resuming) it if needed."""
-    from tqdm.auto import tqdm
+    """Return the cache for these records, extracting (or resuming, or repairing) it if needed.
 
-    keys = [r.key for r in records]
-    transform = encoder.transform()
-    key = cache_key(dataset_id, split, keys, encoder.spec, transform_signature(transform), spatial)
-    cache_dir = Path(cache_dir)
-    final = cache_dir / key
-    if (final / "manifest.json").exists():
-        return FeatureCache.open(final)
-
-    partial = cache_dir / f"{key}.partial"
-    partial.mkdir(parents=True, exist_ok=True)
-    n, dim, tokens = len(records), encoder.dim, encoder.num_tokens
-    progress_file = partial / "progress.json"
-    state = json.loads(progress_file.read_text()) if progress_file.exists() else None
-    if state is None or state.get("n") != n:
-        state = {"n": n, "done": 0, "failed": {}}
-        mode = "w+"
-    else:
-        mode = "r+"
-        log.info("resuming feature extraction of %s/%s at image %d of %d", dataset_id, split, state["done"], n)
-    pooled = np.lib.format.open_memmap(partial / "global.npy", mode=mode, dtype=np.float16, shape=(n, dim))
-    grid_arr = (np.lib.format.open_memmap(partial / "spatial.npy", mode=mode, dtype=np.float16,
-                                          shape=(n, tokens, dim)) if spatial else None)
-
-    start = state["done"]
-    loader = DataLoader(
-        _ImageFiles([r.image for r in records[start:]], transform, encoder.spec.input_size),
-        batch_size=batch_size, num_workers=num_workers, shuffle=False,
-        pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    encoder = encoder.to(device)
-    bar = tqdm(total=n, initial=start, desc=f"features {split}", unit="img", disable=not progress, smoothing=0.1)
-    done, since_flush = start, 0
-    failed: dict[str, str] = dict(state["failed"])
-
-    def checkpoint() -> None:
-        pooled.flush()
-        if grid_arr is not None:
-            grid_arr.flush()
-        _atomic_write_text(progress_file, json.dumps({"n": n, "done": done, "failed": failed}))
-
-    with torch.inference_mode():
-        for images, errors in loader:
-            g, s = encoder(images.to(device, non_blocking=True))
-            b = images.shape[0]
-            pooled[done:done + b] = g.to("cpu", torch.float16).numpy()
-            if grid_arr is not None:
-                grid_arr[done:done + b] = s.to("cpu", torch.float16).numpy()
-            for j, err in enumerate(errors):
-                if err:
-                    failed[keys[done + j]] = err
-                    pooled[done + j] = 0
-                    if grid_arr is not None:
-                        grid_arr[done + j] = 0
-            done += b
-            bar.update(b)
-            since_flush += 1
-            if since_flush >= flush_every:
-                checkpoint()
-                since_flush = 0
-    bar.close()
-    checkpoint()
-    del pooled, grid_arr
-
-    manifest = {
-        "version": FORMAT_VERSION, "dataset": dataset_id, "split": split, "keys": keys, "spatial": spatial,
-        "grid": list(encoder.grid), "dim": dim, "encoder": encoder.spec.to_dict(), "failed": failed,
-        "sha256": {name: _sha256(partial / name) for name in ("global.npy", "spatial.npy") if (partial / name).exists()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    progress_file.unlink()
-    _atomic_write_text(partial / "manifest.json", json.dumps(manifest))
-    if failed:
-        log.warning("%d image(s) of %s/%s could not be read and are left out: %s", len(failed), dataset_id, split,
-                    "; ".join(list(failed.values())[:5]))
-    try:
-        os.replace(partial, final)
-    except OSError:  # another process finished the same cache first: theirs is identical, keep it
-        shutil.rmtree(partial, ignore_errors=True)
-    return FeatureCache.open(final)
+    `flush_every` batches make one chunk: the unit of progress after a kill and of repair after damage.
+    """
+    key = cache_key(dataset_id, split, [r.key for r in records], encoder.spec,
+                    transform_signature(encoder.transform()), spatial)
+    return _open_or_build(Path(cache_dir), key, records, lambda: encoder, f"{dataset_id}/{split}", spatial=spatial,
+                          batch_size=batch_size, num_workers=num_workers, flush_every=flush_every,
+                          progress=progress, device=device)

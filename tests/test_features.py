@@ -96,12 +96,13 @@ def test_unreadable_images_are_skipped_and_counted(tiny_shapes, lite0, tmp_path)
     from captioner.data.records import CaptionRecord
 
     bad = [CaptionRecord(image=broken / n, captions=["x"], split="test", key=f"broken/{n}")
-           for n in ("empty.jpg", "text.jpg")]
+           for n in ("empty.jpg", "text.jpg", "truncated.jpg")]
     cache = extract_features(lite0, recs + bad, tmp_path / "c", "d", "test", batch_size=4, num_workers=0,
                              progress=False)
-    assert set(cache.failed) == {"broken/empty.jpg", "broken/text.jpg"}
+    assert set(cache.failed) == {"broken/empty.jpg", "broken/text.jpg", "broken/truncated.jpg"}
     assert "empty file" in cache.failed["broken/empty.jpg"]
-    assert cache.valid_rows().tolist() == [True] * 6 + [False] * 2
+    assert "truncated" in cache.failed["broken/truncated.jpg"]
+    assert cache.valid_rows().tolist() == [True] * 6 + [False] * 3
 
 
 def test_prepare_features_reuses_without_building_encoder(tiny_shapes, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 Flickr8k (original release and the common CSV copy), Flickr30k (token file or `|` CSV copy), Karpathy split JSON,
 COCO captions JSON and a user's own CSV/JSONL all come out as one `CaptionDataset`: `CaptionRecord`s sorted by key
 plus a `SkipReport`. Real copies of these datasets are messy (missing images, duplicated or broken lines, odd
-encodings), so nothing inside a file may crash a read: every problem is skipped and counted with its `file:line`.
+encodings), so nothing inside a file may crash a read: every problem is skipped and counted with its `file:line`,
+and the summary says what to do about each kind (`SKIP_HINTS`). Image names from dataset files never leave the
+dataset root (`../../etc/passwd` or an absolute path is refused and counted).
 Only a dataset that cannot be used at all (no root, no annotation file, no usable image) raises `DatasetError`,
 and its message shows the layout the reader expected.
 
@@ -47,6 +49,31 @@ RESTVAL_DROPPED = "restval image dropped"
 UNKNOWN_IMAGE_ID = "annotation for unknown image_id"
 DUPLICATE_IMAGE_ID = "duplicate image id"
 IMAGE_WITHOUT_CAPTIONS = "image has no captions"
+
+# What the user can do about each, shown after the reason in the summary (the skipped lines are never fatal).
+SKIP_HINTS = {
+    MISSING_IMAGE: "check data.root and the image folder (data.reader.images_dir), or restore the files",
+    ESCAPES_ROOT: "image names must be relative paths inside the dataset root; fix or remove these lines",
+    EMPTY_IMAGE_NAME: "the line names no image; fix or remove it",
+    DUPLICATE_CAPTION: "harmless: the repeat is dropped",
+    EMPTY_CAPTION: "the line has no caption text; fix or remove it",
+    NO_ALNUM_CAPTION: "a caption of only punctuation teaches nothing; fix or remove it",
+    WRONG_FIELDS: "check the separator (TAB, comma or |) and the quoting of these lines",
+    BAD_NAME_K: "expected <image>#<k> before the TAB",
+    BAD_JSON_LINE: "each line must be one JSON object",
+    MALFORMED_ENTRY: "fields missing or of the wrong type; compare with the expected layout",
+    BAD_BYTES: "the file is not UTF-8 (a Latin-1 copy?); re-save it as UTF-8 to get these characters right",
+    NO_SPLIT: "add these images to a split list if you want them",
+    LISTED_WITHOUT_CAPTIONS: "the split list names an image with no usable caption (not in the caption file, or its "
+                             "image file or captions were skipped)",
+    LISTED_TWICE: "harmless: the repeat is dropped",
+    SPLIT_CONFLICT: "give each image one split; the first one stated is used",
+    UNKNOWN_SPLIT: "use train, val (valid, validation, dev) or test",
+    RESTVAL_DROPPED: "set data.reader.restval=train to use these images",
+    UNKNOWN_IMAGE_ID: "the annotation's image_id is not in the images list",
+    DUPLICATE_IMAGE_ID: "the first entry with this id is used",
+    IMAGE_WITHOUT_CAPTIONS: "harmless: an image without annotations is left out",
+}
 
 FLICKR8K_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -171,7 +198,7 @@ class _Source:
             what = "is not a folder" if given.exists() else "does not exist"
             raise DatasetError(f"{fmt} dataset root {what}: {given}\nExpected layout:\n{self.layout}")
         self.root = given.resolve()
-        self.report = SkipReport(f"{fmt} ({self.root})")
+        self.report = SkipReport(f"{fmt} ({self.root})", hints=SKIP_HINTS)
         self._located: dict[tuple[str, ...], tuple[str, Path] | str] = {}
 
     def file(self, rel: str) -> Path:

@@ -48,6 +48,7 @@ class SkipReport:
     max_examples: int = 5
     counts: "OrderedDict[str, int]" = field(default_factory=OrderedDict)
     examples: "dict[str, list[str]]" = field(default_factory=dict)
+    hints: "dict[str, str]" = field(default_factory=dict)  # reason -> what the user can do about it
 
     def skip(self, reason: str, where: str | int | None = None) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -61,6 +62,7 @@ class SkipReport:
         return sum(self.counts.values())
 
     def merge(self, other: "SkipReport") -> None:
+        self.hints.update(other.hints)
         for reason, n in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + n
             ex = self.examples.setdefault(reason, [])
@@ -75,7 +77,8 @@ class SkipReport:
         for reason, n in self.counts.items():
             ex = self.examples.get(reason)
             where = f" (first at: {', '.join(ex)})" if ex else ""
-            lines.append(f"  - {reason}: {n}{where}")
+            hint = f" -> {self.hints[reason]}" if reason in self.hints else ""
+            lines.append(f"  - {reason}: {n}{where}{hint}")
         return "\n".join(lines)
 
 
