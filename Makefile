@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,cluster]'
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install the suite with dev extras
+install: $(VENV)/.installed ## create .venv and install the suite with dev + cluster (submitit launcher) extras
 
 test: $(VENV)/.installed ## run the test suite (offline, CPU; slow tests excluded)
 	$(PY) -m pytest -q
@@ -37,7 +37,18 @@ train: $(VENV)/.installed ## train + test one captioner offline (experiment=shap
 	$(PY) train.py
 
 sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra multirun
-	$(PY) train.py -m model=resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
+	$(PY) train.py -m model=$(VARIANTS)
+
+VARIANTS := resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
+
+demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈30 min, 2 CPU cores)
+	@d=multirun/demo-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
+	$(PY) train.py -m model=$(VARIANTS) hydra.sweep.dir=$$d && \
+	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
+	$(PY) experiments/compare.py $$d
+
+bench: $(VENV)/.installed ## the benchmark: every speed/memory figure beside its goal -> benchmark.json
+	$(PY) experiments/benchmark.py
 
 # The newest sweep by its multirun.yaml, which Hydra writes once when a sweep starts: writing a report into an older
 # sweep later touches that sweep's directory, but must not make it the "newest".
@@ -51,4 +62,4 @@ report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-all inspect prepare train sweep report clean
+.PHONY: help install test test-all inspect prepare train sweep demo report bench clean

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_captioner
 from .encoders import EncoderSpec
-from .training import ConfigError, build_datamodule, write_predictions
+from .training import DATA_SHARDING, ConfigError, build_datamodule, prepare_distributed_launch, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def evaluate(cfg: DictConfig) -> dict:
     model.decode_cfg.update(OmegaConf.to_container(cfg.decode))
     model.hparams.meteor = cfg.metrics.meteor
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=1,
-                                                 default_root_dir=str(run_dir))
+                                                 default_root_dir=str(run_dir), **DATA_SHARDING)
+    prepare_distributed_launch(trainer, run_dir)
     t0 = time.perf_counter()
     trainer.test(model, datamodule=dm, verbose=False)
     seconds = time.perf_counter() - t0
@@ -81,8 +82,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "encoder": trained.name, "decoder": model.hparams.decoder["name"], "data": cfg.data.name,
         "split": dm.test_split, "images": len(model.test_predictions), "decode": dict(model.decode_cfg),
         "device": resolve_device(cfg.features.device), "eval_seconds": round(seconds, 2),
-        "test": model.test_results,
+        "world_size": trainer.world_size, "test": model.test_results,
     }
+    if not trainer.is_global_zero:  # DDP ranks 1..: the same (whole-split) results; rank 0 writes them
+        return metrics
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
     res = model.test_results

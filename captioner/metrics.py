@@ -5,8 +5,11 @@
   present (otherwise reported as None: skipped, never a crash). Input text is tokenised with the suite's one
   tokenizer (`normalize`), so hypotheses and references always match in form. Values are on pycocoevalcap's 0-1
   scale (CIDEr can exceed 1).
-- Validation BLEU-1..4 use torchmetrics' `BLEUScore` (states sync under DDP); it splits on whitespace and is 0
-  when any n-gram order has no match, hence also BLEU-1/2, which stay informative early in training.
+- Validation BLEU-1..4 use torchmetrics' BLEU (`val_bleu_scores`); it splits on whitespace and is 0 when any
+  n-gram order has no match, hence also BLEU-1/2, which stay informative early in training. It is computed once
+  per epoch from the outputs of the whole split (gathered from every rank and deduplicated under DDP, see
+  `Captioner.gather_eval_outputs`), never from per-rank metric states: a DistributedSampler pads the last batch
+  with repeated images, which synced states would count twice.
 """
 
 from __future__ import annotations
@@ -82,6 +85,15 @@ def bleu_metrics():
     from torchmetrics.text import BLEUScore
 
     return {f"bleu_{n}": BLEUScore(n_gram=n) for n in range(1, 5)}
+
+
+def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Validation BLEU-1..4 of a whole split at once: torchmetrics' BLEU, the same numbers as the `bleu_metrics`
+    modules updated batch by batch (their states are summed n-gram counts), but local to this process."""
+    from torchmetrics.functional.text import bleu_score
+
+    hyps, refs = list(hypotheses), [list(r) for r in references]
+    return {f"bleu_{n}": float(bleu_score(hyps, refs, n_gram=n)) for n in range(1, 5)}
 
 
 # -- BLEU sufficient statistics (exact corpus BLEU under bootstrap resampling) ---------------------------------------

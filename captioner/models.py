@@ -4,6 +4,9 @@
 - `AttentionCaptioner` (variant 5): spatial tokens into the transformer decoder.
 Both share one step for train/val/test: teacher-forced cross-entropy ignoring padding; validation and test also
 decode for real (greedy by default; beam search with `decode.beam_size>1`) and score against all references.
+Under DDP each rank decodes its shard of the split; at the epoch end the outputs of all ranks are gathered and
+deduplicated by image index (a DistributedSampler repeats images to even out the shards), so validation and test
+metrics are those of the whole split, computed identically on every rank.
 The checkpoint carries everything needed to caption new images later: vocabulary, decoder config, encoder spec
 (name, weights source, input size, transform settings). Hyper-parameters are plain data (no module objects).
 """
@@ -11,17 +14,21 @@ The checkpoint carries everything needed to caption new images later: vocabulary
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .data.vocabulary import Vocabulary
 from .decoders import build_decoder
 from .decoding import beam_search, greedy_decode
-from .metrics import bleu_metrics
+from .metrics import val_bleu_scores
+
+# Epoch-level caption metrics are computed from the outputs of ALL ranks (gathered in `gather_eval_outputs`), so
+# they are already global and identical on every rank: logging them without sync_dist is right, not an oversight.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/(?!loss')")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.05) -> Callable[[int], float]:
@@ -62,7 +69,6 @@ class Captioner(L.LightningModule):
         extra = {"grid": tuple(grid)} if dec_cfg.get("name") == "transformer" else {}
         self.decoder = build_decoder(**dec_cfg, vocab_size=len(self.vocab), feature_dim=feature_dim, **extra)
         self.decode_cfg = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, **dict(decode or {})}
-        self.val_bleu = nn.ModuleDict(bleu_metrics())
         self.eval_outputs: list[dict] = []
         self.test_results: dict = {}
         self.test_predictions: list[dict] = []
@@ -91,11 +97,9 @@ class Captioner(L.LightningModule):
             self._check_finite(loss)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(captions))
             return loss
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(captions))
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(captions),
+                 sync_dist=True)  # the mean over ranks under DDP (a no-op in one process)
         hypotheses = self.generate(features)
-        if stage == "val":
-            for metric in self.val_bleu.values():
-                metric.update(hypotheses, batch["references"])
         self.eval_outputs.extend(
             {"index": int(i), "hypothesis": h, "references": r}
             for i, h, r in zip(batch["index"].tolist(), hypotheses, batch["references"]))
@@ -125,10 +129,27 @@ class Captioner(L.LightningModule):
 
     on_test_epoch_start = on_validation_epoch_start
 
+    def gather_eval_outputs(self) -> list[dict]:
+        """This epoch's eval outputs of the WHOLE split: those of every rank under DDP (one per image: the images a
+        DistributedSampler repeated to pad the last shard are dropped), sorted by image index. The same list on
+        every rank; in one process simply this process's outputs, sorted."""
+        outs = self.eval_outputs
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            per_rank: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, outs)
+            outs = [o for rank_outs in per_rank for o in rank_outs]
+        unique = {}
+        for o in outs:
+            unique.setdefault(o["index"], o)  # a padded repeat decodes the same image to the same caption
+        return [unique[i] for i in sorted(unique)]
+
     def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_bleu.items():
-            self.log(f"val/{name}", metric.compute(), prog_bar=name == "bleu_4")
-            metric.reset()
+        self.eval_outputs = self.gather_eval_outputs()
+        bleu = val_bleu_scores([o["hypothesis"] for o in self.eval_outputs],
+                               [o["references"] for o in self.eval_outputs])
+        for name, value in bleu.items():
+            self.log(f"val/{name}", value, prog_bar=name == "bleu_4")
         semantic = self._semantic("val")
         for name, value in semantic.items():
             self.log(f"val/{name}", value)
@@ -136,10 +157,18 @@ class Captioner(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         from .metrics import caption_metrics
 
-        outs = sorted(self.eval_outputs, key=lambda o: o["index"])
+        outs = self.gather_eval_outputs()
         self.eval_outputs = outs
-        results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
-                                  meteor=self.hparams.meteor)
+        results = None
+        # scored once, on global rank 0 (METEOR starts a Java process), then sent to the other ranks
+        if self.global_rank == 0:
+            results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
+                                      meteor=self.hparams.meteor)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            box = [results]
+            torch.distributed.broadcast_object_list(box, src=0)
+            results = box[0]
         dm = getattr(self.trainer, "datamodule", None)
         results.update(self._semantic(getattr(dm, "test_split", "test")))
         self.test_results, self.test_predictions = results, outs

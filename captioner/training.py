@@ -1,5 +1,9 @@
 """`train(cfg)`: what `python train.py` does — seed, build data + model from the composed config, fit, test the
-best checkpoint, write `metrics.json` into the run directory, and return the metric a sweeper optimises."""
+best checkpoint, write `metrics.json` into the run directory, and return the metric a sweeper optimises.
+
+Under DDP (`trainer=ddp`, `trainer=ddp_cpu`) Lightning starts ranks 1.. by re-running the same command with
+`hydra.run.dir` set to rank 0's run dir, so every rank runs this function; all of them fit and test (the metrics
+are those of the whole split on every rank), and only global rank 0 writes metrics.json / predictions.jsonl."""
 
 from __future__ import annotations
 
@@ -60,6 +64,38 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
         decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor)
 
 
+# The DataModule shards its loaders itself under DDP (ImageGroupedBatches cannot take a sampler injected by
+# Lightning, and its own padding of val/test is undone by the model): never let Lightning replace the samplers.
+DATA_SHARDING = {"use_distributed_sampler": False}
+
+
+def prepare_distributed_launch(trainer: L.Trainer, run_dir: Path) -> None:
+    """Before `fit`/`test` of a trainer that will start its other ranks by re-running this command (Lightning's
+    script launcher: `trainer=ddp` / `ddp_cpu` on one machine): pin Hydra's run dir to this run's absolute output
+    dir, which Lightning hands to the children, so every rank works in one run dir (never one per rank); and refuse
+    a Hydra multirun, whose children would re-run the whole sweep. Ranks started by SLURM (hydra/launcher=slurm,
+    srun) are not spawned by Lightning and need neither."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    from omegaconf import read_write
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    spawns = isinstance(launcher, _SubprocessScriptLauncher) and trainer.num_devices > 1 and \
+        not trainer.strategy.cluster_environment.creates_processes_externally
+    if not spawns or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"a multirun (-m) cannot run jobs with trainer.devices={trainer.num_devices} on one machine: Lightning "
+            "starts the other ranks by re-running the command, which would re-run the whole sweep. Run the jobs one "
+            "by one (python train.py trainer=ddp ... per job), or sweep on SLURM with hydra/launcher=slurm, where "
+            "SLURM starts the ranks")
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = str(run_dir.resolve())
+
+
 def _instantiate_all(node) -> list:
     return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
@@ -80,7 +116,9 @@ def train(cfg: DictConfig) -> float:
     model = build_model(cfg, dm)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                                 **DATA_SHARDING)
+    prepare_distributed_launch(trainer, run_dir)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -98,6 +136,11 @@ def train(cfg: DictConfig) -> float:
     test = model.test_results
 
     best_score = checkpoint.best_model_score if checkpoint is not None else None
+    value = float(best_score) if best_score is not None else None
+    sweep_value = value if value is not None and math.isfinite(value) else 0.0
+    if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results of the whole split
+        _finish_wandb(loggers)
+        return sweep_value
     baseline = caption_prior_baseline(dm, model.test_predictions)
     metrics = {
         "model": cfg.model.name, "run_name": cfg.run_name, "family": cfg.model.family,
@@ -105,9 +148,9 @@ def train(cfg: DictConfig) -> float:
         "decoder": cfg.decoder.name, "attention": cfg.attention.name, "data": cfg.data.name,
         "test": test,
         "caption_prior_bleu_4": baseline,
-        "best_val_bleu_4": float(best_score) if best_score is not None else None,
+        "best_val_bleu_4": value,
         "best_epoch": _epoch_of(best), "epochs": trainer.current_epoch,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2), "world_size": trainer.world_size,
         "params_trainable": model.num_trainable_parameters(),
         "best_checkpoint": best, "run_dir": str(run_dir), "seed": cfg.seed,
         "data_stats": {k: v for k, v in dm.stats.items()},
@@ -122,8 +165,7 @@ def train(cfg: DictConfig) -> float:
              run_dir)
     print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f} (caption prior {baseline:.4f}), "
           f"CIDEr {test['cider']:.3f} -> {run_dir}")
-    value = metrics["best_val_bleu_4"]
-    return float(value) if value is not None and math.isfinite(value) else 0.0
+    return sweep_value
 
 
 def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,

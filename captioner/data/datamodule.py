@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..encoders import EncoderSpec
 from ..features import FeatureCache, prepare_features
@@ -82,16 +82,25 @@ class CaptionPairs(_RowBatches):
             "captions": torch.from_numpy(self.tokens[idx, : lengths.max()].astype(np.int64)),
             "lengths": torch.from_numpy(lengths.astype(np.int64)),
             "caption_image": torch.from_numpy(caption_image.reshape(-1).astype(np.int64)),
+            "image_rows": torch.from_numpy(images),  # cache row of each distinct image (U,)
         }
 
 
 class ImageGroupedBatches(Sampler[list[int]]):
     """Shuffled batches of about `batch_size` captions made of whole images (all captions of an image together,
     as ImageCaptioning.pytorch's seq_per_img). Every caption is still seen exactly once per epoch; the image
-    encoder of an attention decoder then runs once per image instead of once per caption (≈5x less work)."""
+    encoder of an attention decoder then runs once per image instead of once per caption (≈5x less work).
 
-    def __init__(self, pair_rows: np.ndarray, batch_size: int, seed: int = 0) -> None:
+    Under DDP (`num_replicas` > 1) every rank draws the same shuffled batches (same seed and epoch) and takes every
+    `num_replicas`-th one, from `rank` on; the list is first padded with its own first batches to a multiple of
+    `num_replicas`, so all ranks run the same number of steps (DDP's gradient all-reduce needs that)."""
+
+    def __init__(self, pair_rows: np.ndarray, batch_size: int, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
         order = np.argsort(pair_rows, kind="stable")
         bounds = np.flatnonzero(np.diff(pair_rows[order])) + 1
         self.groups = np.split(order, bounds)
@@ -109,6 +118,9 @@ class ImageGroupedBatches(Sampler[list[int]]):
                 current = []
         if current:
             batches.append(current)
+        if self.num_replicas > 1:
+            padding = -len(batches) % self.num_replicas
+            batches = (batches + batches[:padding])[self.rank::self.num_replicas]
         return batches
 
     def __iter__(self):
@@ -251,7 +263,27 @@ class CaptionDataModule(L.LightningDataModule):
         return np.array([len(tokenize(c)) for r in self.records[split] for c in r.captions])
 
     # -- loaders ------------------------------------------------------------------------------------------
+    # Under DDP the loaders shard the data themselves (the trainer runs with use_distributed_sampler=False, since
+    # Lightning cannot inject a sampler into ImageGroupedBatches): training batches by ImageGroupedBatches' rank
+    # slice, or a shuffled DistributedSampler; val/test by a DistributedSampler that pads the last shard with
+    # repeated images, which the model drops again after gathering the outputs of all ranks.
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer this DataModule is attached to; (1, 0) without DDP."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        world, rank = self._replicas()
+        if world > 1:
+            sampler = DistributedSampler(self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle,
+                                         seed=self.seed, drop_last=False)
+            return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler,
+                              num_workers=self.num_workers, collate_fn=_batch_identity,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=_batch_identity, persistent_workers=self.num_workers > 0)
 
@@ -259,8 +291,9 @@ class CaptionDataModule(L.LightningDataModule):
         if not self.group_by_image:
             return self._loader("train", self.batch_size, shuffle=True)
         pairs = self.splits["train"]
-        return DataLoader(pairs, batch_sampler=ImageGroupedBatches(pairs.rows, self.batch_size, self.seed),
-                          num_workers=self.num_workers, collate_fn=_batch_identity,
+        world, rank = self._replicas()
+        sampler = ImageGroupedBatches(pairs.rows, self.batch_size, self.seed, num_replicas=world, rank=rank)
+        return DataLoader(pairs, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_batch_identity,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

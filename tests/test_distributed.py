@@ -1,0 +1,188 @@
+"""Scale-out: DDP (2 CPU processes, gloo) trains and evaluates exactly like one process (sweeps through the
+submitit launcher and Optuna: test_launchers.py).
+
+The end-to-end tests run `train.py` / `eval.py` as a user does, on a tiny shapes world whose test split (11 images)
+does not divide by 2: a DistributedSampler then gives one rank a repeated image, which must not be scored twice.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+TINY = ["model=dino_lstm_init", "data.num_train=40", "data.num_val=10", "data.num_test=11", "trainer.max_epochs=1",
+        "logger=csv", "features.num_workers=0", "text.min_word_count=1", "metrics.meteor=false"]
+
+
+def _run(args, root, timeout=600, threads=None):
+    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled", WANDB_SILENT="true")
+    env.pop("LOCAL_RANK", None)  # a DDP environment of the caller must not leak into the runs
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+# -- fast checks of the pieces ---------------------------------------------------------------------------------------
+def test_grouped_training_batches_are_sharded_evenly_and_completely():
+    from captioner.data.datamodule import ImageGroupedBatches
+
+    # 27 images x 5 captions in batches of >= 16 captions (4 whole images): 6 batches of 20 and one of 15
+    pair_rows = np.repeat(np.arange(27), 5)
+    single = list(ImageGroupedBatches(pair_rows, 16, seed=1))
+    assert len(single) == 7
+    for world in (2, 3):  # 7 batches do not divide: 1 and 2 batches of padding
+        shards = [list(ImageGroupedBatches(pair_rows, 16, seed=1, num_replicas=world, rank=r)) for r in range(world)]
+        assert {len(s) for s in shards} == {-(-7 // world)}  # every rank runs the same number of steps
+        seen = sorted(i for s in shards for b in s for i in b)
+        assert set(seen) == set(range(len(pair_rows)))  # every caption is trained on
+        assert 0 < len(seen) - len(pair_rows) <= (world - 1) * 20  # padding: fewer than `world` repeated batches
+        for s in shards:
+            assert all(len(set(pair_rows[b])) * 5 == len(b) for b in s)  # still whole images
+    # one process: exactly the batches it had before sharding existed
+    assert list(ImageGroupedBatches(pair_rows, 16, seed=1, num_replicas=1, rank=0)) == single
+
+
+def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
+    """What a rank sees after `all_gather_object`: rank 1's shard ends with a repeat of image 0 (DistributedSampler
+    padding 11 images to 2 x 6); the gathered list scores each image once, in index order."""
+    import torch
+
+    from captioner.models import Captioner
+
+    shards = {0: [0, 2, 4, 6, 8, 10], 1: [1, 3, 5, 7, 9, 0]}
+
+    def outputs(idx):
+        return [{"index": i, "hypothesis": f"caption {i}", "references": [f"ref {i}"]} for i in idx]
+
+    def all_gather_object(out, obj):
+        out[:] = [outputs(shards[0]), outputs(shards[1])]
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    model = Captioner.__new__(Captioner)
+    object.__setattr__(model, "eval_outputs", outputs(shards[1]))
+    gathered = Captioner.gather_eval_outputs(model)
+    assert [o["index"] for o in gathered] == list(range(11))
+    assert all(o["hypothesis"] == f"caption {o['index']}" for o in gathered)
+
+
+def test_validation_bleu_of_the_whole_split_equals_the_batchwise_metric():
+    from captioner.metrics import bleu_metrics, val_bleu_scores
+
+    hyps = ["a red circle left of a blue square", "a green star", "a small blue triangle above a large circle",
+            "there is a yellow square"]
+    refs = [["a red circle to the left of a blue square", "a blue square right of a red circle"],
+            ["a green star above an orange triangle"], ["a small blue triangle above a large green circle"],
+            ["a yellow square", "there is a yellow square left of a star"]]
+    whole = val_bleu_scores(hyps, refs)
+    modules = bleu_metrics()
+    for name, metric in modules.items():
+        metric.update(hyps[:3], refs[:3])  # two batches, as validation_step used to feed them
+        metric.update(hyps[3:], refs[3:])
+        assert whole[name] == pytest.approx(float(metric.compute()), abs=1e-7), name
+    assert 0 < whole["bleu_4"] < whole["bleu_1"] <= 1
+
+
+def test_ddp_configs_compose():
+    from captioner.config import compose
+
+    cfg = compose(["trainer=ddp_cpu", "trainer.devices=3"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 3 and cfg.trainer.num_nodes == 1
+    assert cfg.trainer.strategy.process_group_backend == "gloo"
+    cfg = compose(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("gpu", 4, 2)
+
+
+# -- end to end: 2-process DDP training and evaluation -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A tiny dino_lstm_init run trained with 2 DDP processes on CPU: (root, run dir, the finished process, and
+    every metrics.json under root right after it: later tests add eval run dirs)."""
+    root = tmp_path_factory.mktemp("ddp")
+    run_dir = root / "run"
+    r = _run(["train.py", "trainer=ddp_cpu", *TINY, f"hydra.run.dir={run_dir}"], root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r.metrics_files = sorted(root.rglob("metrics.json"))
+    r.top_level = sorted(p.name for p in root.iterdir())
+    print(f"DDP training (2 processes): {r.seconds:.1f} s wall")
+    return root, run_dir, r
+
+
+def test_ddp_training_writes_one_run_dir_with_one_metrics_json(ddp_run):
+    root, run_dir, r = ddp_run
+    # rank 1 really ran (its own Hydra log), in rank 0's run dir: no second run dir, no .hydra of its own
+    assert (run_dir / "train_ddp_process_1.log").exists() and (run_dir / "train.log").exists()
+    assert r.top_level == ["data", "run"]
+    assert not (REPO / "outputs" / "train_ddp_process_1").exists()
+    assert r.metrics_files == [run_dir / "metrics.json"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()  # written once, by rank 0 (children: output_subdir=null)
+    assert r.stdout.count("[captioner] ") == 1  # one summary line: rank 0's
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["model"] == "dino_lstm_init" and m["epochs"] == 1
+    for key in ("bleu_1", "bleu_4", "rouge_l", "cider", "object_accuracy"):
+        assert 0 <= m["test"][key] <= (10 if key == "cider" else 1), key
+    assert 0 <= m["best_val_bleu_4"] <= 1 and m["best_epoch"] == 0
+    lines = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 11 and len({x["image"] for x in lines}) == 11  # every test image once, none twice
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "csv" / "metrics.csv").exists()
+
+
+def test_eval_with_one_and_two_processes_gives_identical_metrics(ddp_run):
+    root, run_dir, train = ddp_run
+    ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    results = {}
+    for name, extra in (("one", []), ("two", ["trainer=ddp_cpu"])):
+        out = root / f"eval-{name}"
+        # one torch thread per process in both runs: the comparison is about the sharding, not thread counts
+        r = _run(["eval.py", f"ckpt_path={ckpt}", *TINY, *extra, f"hydra.run.dir={out}"], root, threads=1)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        m = json.loads((out / "metrics.json").read_text())
+        preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        results[name] = (m, preds)
+        print(f"eval {name} process(es): {r.seconds:.1f} s wall, BLEU-4 {m['test']['bleu_4']:.6f}, "
+              f"CIDEr {m['test']['cider']:.6f}, images {m['images']}")
+    (one, one_preds), (two, two_preds) = results["one"], results["two"]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["images"] == two["images"] == 11 and len(one_preds) == len(two_preds) == 11
+    assert one_preds == two_preds  # the same caption for every image, in the same order
+    for key in ("bleu_1", "bleu_4", "rouge_l", "cider", "object_accuracy", "relation_accuracy"):
+        assert two["test"][key] == pytest.approx(one["test"][key], abs=1e-6), key
+    assert one["test"]["cider"] > 0  # a real comparison, not 0 == 0
+    # and the test at the end of the DDP training scored the same checkpoint the same way
+    trained = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert trained["bleu_4"] == pytest.approx(one["test"]["bleu_4"], abs=1e-6)
+    assert trained["cider"] == pytest.approx(one["test"]["cider"], abs=1e-6)
+
+
+def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
+    """The val BLEU-4 the DDP run logged (each rank decoded 5 of the 10 val images) equals the BLEU-4 of one process
+    decoding all 10 with the same weights."""
+    from captioner.metrics import val_bleu_scores
+
+    root, run_dir, _ = ddp_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    out = root / "eval-val"
+    r = _run(["eval.py", f"ckpt_path={m['best_checkpoint']}", *TINY, "split=val", f"hydra.run.dir={out}"], root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 10
+    whole = val_bleu_scores([p["hypothesis"] for p in preds], [p["references"] for p in preds])
+    assert m["best_val_bleu_4"] == pytest.approx(whole["bleu_4"], abs=1e-6)
+
+
+def test_a_local_multirun_refuses_ddp_jobs_with_the_fix(ddp_run, tmp_path):
+    root = ddp_run[0]  # its data and feature cache: the job gets to the check at once
+    r = _run(["train.py", "-m", "trainer=ddp_cpu", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+             root, timeout=300)
+    assert r.returncode != 0
+    assert "multirun" in r.stderr and "hydra/launcher=slurm" in r.stderr
