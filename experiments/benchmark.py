@@ -1,0 +1,308 @@
+"""Where the suite stands against its limits: every figure measured side by side in one run on this machine,
+printed beside its goal and written to benchmark.json.
+
+usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--device auto|cpu|cuda]
+       (make bench). --smoke: tiny sizes, every figure still produced (the test suite runs it).
+
+  1. extraction_vs_forward   feature extraction img/s (decode + resize + forward + write) / bare encoder forward
+                             img/s at the same batch size                                       goal >= 0.9
+  2. cached_speedup          a dino_lstm_init training step on cached features vs the same step running the
+                             encoder on the batch's images first (the tutorial repos' way)     goal >= 30x
+  3. batched_beam_speedup    beam-3 per image: one image at a time / the whole batch together  goal >= 10x
+  4. rss_ratio_10x           peak RSS of a training epoch over 10x the training images / over 1x
+                             (features are memory-mapped, not loaded)                          goal <= 1.3
+  5. captions_per_s          training throughput of each of the five decoders on cached features; and
+     demo_sweep_seconds      the wall time of the last `make demo` (read from its sweep_seconds.txt: the sweep
+                             itself takes longer than this benchmark)                          goal <= 900 s
+  6. the same training figures on CUDA when a GPU is present (bf16 autocast), skipped cleanly on CPU.
+
+Ratios are per-step or per-image times over the same work; absolute figures depend on the machine, printed
+with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+VARIANTS = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
+GOALS = {"extraction_vs_forward": (">=", 0.9), "cached_speedup": (">=", 30.0), "batched_beam_speedup": (">=", 10.0),
+         "rss_ratio_10x": ("<=", 1.3), "demo_sweep_seconds": ("<=", 900.0)}
+
+
+def _timed(fn, repeat: int) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+EVAL_IMAGES = {"n": 300}  # val/test split sizes: 300 = the default shapes world's, so its caches are reused
+
+
+def _overrides(root: Path, n_train: int, extra=()) -> list[str]:
+    n = EVAL_IMAGES["n"]
+    return [f"paths.root_dir={root}", f"data.num_train={n_train}", f"data.num_val={n}", f"data.num_test={n}",
+            "features.num_workers=0", "logger=none", *extra]
+
+
+def _datamodule_and_model(model: str, root: Path, n_train: int, extra=()):
+    from captioner.config import compose
+    from captioner.training import build_datamodule, build_model
+
+    cfg = compose([f"model={model}", *_overrides(root, n_train, extra)])
+    dm = build_datamodule(cfg)
+    dm.progress = False
+    dm.prepare_data()
+    dm.setup("fit")
+    return cfg, dm, build_model(cfg, dm)
+
+
+# -- 1 ---------------------------------------------------------------------------------------------------------
+def extraction_vs_forward(root: Path, images: int, batch_size: int) -> dict:
+    from captioner.data.shapes import build_shapes
+    from captioner.encoders import EncoderSpec, FrozenEncoder
+    from captioner.features import extract_features
+
+    records = build_shapes(root / "extract", num_train=images, num_val=1, num_test=1, progress=False).split("train")
+    encoder = FrozenEncoder(EncoderSpec(name="efficientnet_lite0", weights="package"))
+    x = torch.randn(batch_size, 3, 224, 224)
+    with torch.inference_mode():
+        per_batch = _timed(lambda: encoder(x), max(1, images // batch_size))
+    forward_ips = batch_size / per_batch
+    t0 = time.perf_counter()
+    extract_features(encoder, records, root / "extract-cache", "bench", "train", batch_size=batch_size,
+                     num_workers=1, progress=False)
+    extract_ips = len(records) / (time.perf_counter() - t0)
+    return {"forward_img_s": forward_ips, "extraction_img_s": extract_ips, "extraction_vs_forward": extract_ips / forward_ips}
+
+
+# -- 2 ---------------------------------------------------------------------------------------------------------
+def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
+    """Per training step: cached features vs loading + transforming + encoding the batch's images first."""
+    from captioner.encoders import FrozenEncoder
+    from captioner.images import load_image
+
+    cfg, dm, model = _datamodule_and_model("dino_lstm_init", root, n_train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [b for _, b in zip(range(steps), dm.train_dataloader())]
+    records = dm.records["train"]
+    row_to_record = {int(r): rec for r, rec in zip(dm._rows("train"), records)}
+    encoder = FrozenEncoder(dm.encoder_spec)
+    transform = encoder.transform()
+    model.train()
+
+    def train_step(features, batch):
+        loss = model.caption_loss(features, batch["captions"], batch["caption_image"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def cached_epoch():
+        for b in batches:
+            train_step(b["features"], b)
+
+    def encoder_epoch():
+        for b in batches:
+            # the images of this batch (one per distinct image), decoded and encoded now, as tutorial repos do
+            images = [load_image(row_to_record[int(r)].image) for r in b["image_rows"]]
+            with torch.no_grad():
+                pooled, _ = encoder(torch.stack([transform(im) for im in images]))
+            train_step(pooled, b)
+
+    cached = _timed(cached_epoch, 2) / len(batches)
+    uncached = _timed(encoder_epoch, 1) / len(batches)
+    return {"cached_step_s": cached, "encoder_step_s": uncached, "cached_speedup": uncached / cached,
+            "steps_per_epoch": len(dm.train_dataloader())}
+
+
+# -- 3 ---------------------------------------------------------------------------------------------------------
+def batched_beam(ckpt: str | None, root: Path, n_images: int) -> dict:
+    """Beam-3 on one checkpoint: all images in one batch vs one image at a time."""
+    from captioner.decoding import beam_search
+
+    if ckpt:
+        from captioner.checkpoint import load_captioner
+
+        model = load_captioner(ckpt)
+        dim, grid = model.hparams.feature_dim, tuple(model.hparams.grid)
+        source = ckpt
+    else:  # an untrained attention captioner: decodes to max_len, the slowest case for both ways
+        _, dm, model = _datamodule_and_model("dino_attention", root, 40)
+        dim, grid = dm.feature_dim, dm.grid
+        source = "untrained dino_attention (no checkpoint given)"
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    shape = (n_images, grid[0] * grid[1], dim) if model.decoder.feature == "spatial" else (n_images, dim)
+    feats = torch.randn(shape, generator=g).abs()  # post-activation-like features
+    kw = dict(beam_size=3, max_len=20, sos_id=model.vocab.sos_id, eos_id=model.vocab.eos_id,
+              pad_id=model.vocab.pad_id)
+    t0 = time.perf_counter()
+    batched = beam_search(model.decoder, feats, **kw)
+    t_batched = (time.perf_counter() - t0) / n_images
+    t0 = time.perf_counter()
+    single = [beam_search(model.decoder, feats[i:i + 1], **kw)[0] for i in range(n_images)]
+    t_single = (time.perf_counter() - t0) / n_images
+    return {"beam_checkpoint": source, "beam3_batched_ms_per_image": 1e3 * t_batched,
+            "beam3_single_ms_per_image": 1e3 * t_single, "batched_beam_speedup": t_single / t_batched,
+            "beam_same_captions": batched == single}
+
+
+# -- 4 ---------------------------------------------------------------------------------------------------------
+_RSS_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from captioner.config import compose
+from captioner.training import build_datamodule, build_model
+import torch
+cfg = compose(["model=" + sys.argv[2], "paths.root_dir=" + sys.argv[3], "data.num_train=" + sys.argv[4],
+               "data.num_val=" + sys.argv[5], "data.num_test=" + sys.argv[5], "features.num_workers=0", "logger=none"])
+dm = build_datamodule(cfg); dm.progress = False; dm.prepare_data(); dm.setup("fit")
+model = build_model(cfg, dm)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for b in dm.train_dataloader():  # one full epoch
+    loss = model.caption_loss(b["features"], b["captions"], b["caption_image"])
+    opt.zero_grad(); loss.backward(); opt.step()
+print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_epoch_kib": base}))
+"""
+
+
+def rss_ratio(root: Path, n_train: int, model: str) -> dict:
+    """Peak RSS of one training epoch over n and 10n training images, each in a fresh process."""
+    out = {}
+    for label, n in (("1x", n_train), ("10x", 10 * n_train)):
+        # build the dataset and its cache first, in this process: the child measures training only
+        _datamodule_and_model(model, root, n)
+        r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(REPO), model, str(root), str(n),
+                            str(EVAL_IMAGES["n"])],
+                           capture_output=True, text=True, check=True)
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"rss_model": model, "rss_1x_mib": out["1x"]["peak_kib"] / 1024, "rss_10x_mib": out["10x"]["peak_kib"] / 1024,
+            "rss_train_images_1x": n_train, "rss_ratio_10x": out["10x"]["peak_kib"] / out["1x"]["peak_kib"]}
+
+
+# -- 5 / 6 -----------------------------------------------------------------------------------------------------
+def throughput(root: Path, n_train: int, steps: int, device: str) -> dict:
+    """Training captions/s of each variant's decoder on cached features (bf16 autocast on CUDA)."""
+    out = {}
+    for name in VARIANTS:
+        _, dm, model = _datamodule_and_model(name, root, n_train)
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+                   for _, b in zip(range(steps), dm.train_dataloader())]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+        def epoch():
+            for b in batches:
+                with autocast:
+                    loss = model.caption_loss(b["features"], b["captions"], b["caption_image"])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = _timed(epoch, 1)
+        out[name] = sum(len(b["captions"]) for b in batches) / seconds
+    return out
+
+
+def demo_sweep_seconds() -> dict:
+    found = sorted(REPO.glob("multirun/demo-*/sweep_seconds.txt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return {"demo_sweep_seconds": None, "demo_sweep": "no `make demo` run found under multirun/"}
+    text = found[-1].read_text()
+    return {"demo_sweep_seconds": float(text.split(":")[1].split()[0]), "demo_sweep": str(found[-1].parent.name)}
+
+
+def _verdict(key: str, value) -> str:
+    if key not in GOALS or value is None:
+        return ""
+    op, goal = GOALS[key]
+    ok = value >= goal if op == ">=" else value <= goal
+    return f"goal {op} {goal:g}: {'met' if ok else 'MISSED'}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "benchmark.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); every figure is still produced")
+    ap.add_argument("--ckpt", help="checkpoint for the beam-search figure (default: newest dino_attention best "
+                                   "checkpoint under multirun/, else an untrained model)")
+    ap.add_argument("--root", help="where datasets and caches are built (default: a temp dir; the full run "
+                                   "reuses ./data for the 3000-image shapes world)")
+    args = ap.parse_args(argv)
+    smoke = args.smoke
+    EVAL_IMAGES["n"] = 4 if smoke else 300
+    size = dict(extract=16 if smoke else 400, n_train=20 if smoke else 300, steps=3 if smoke else 30,
+                beam=6 if smoke else 100)
+    tmp = tempfile.TemporaryDirectory(prefix="captioner-bench-")
+    root = Path(args.root) if args.root else (Path(tmp.name) if smoke else REPO)
+    ckpt = args.ckpt
+    if ckpt is None and not smoke:
+        found = sorted(REPO.glob("multirun/*/*model-dino_attention*/checkpoints/best-*.ckpt"),
+                       key=lambda p: p.stat().st_mtime)
+        ckpt = str(found[-1]) if found else None
+
+    results: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                     f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                     "torch": torch.__version__, "threads": torch.get_num_threads(), "smoke": smoke}
+    t_start = time.perf_counter()
+    results.update(extraction_vs_forward(Path(tmp.name), size["extract"], 8))
+    results.update(cached_speedup(root, size["n_train"], size["steps"]))
+    results.update(batched_beam(ckpt, root, size["beam"]))
+    results.update(rss_ratio(root, size["n_train"], "dino_attention"))
+    results["captions_per_s"] = throughput(root, size["n_train"], size["steps"], "cpu")
+    results["captions_per_s_cuda"] = (throughput(root, size["n_train"], size["steps"], "cuda")
+                                      if torch.cuda.is_available() else None)
+    results.update(demo_sweep_seconds())
+    results["benchmark_seconds"] = time.perf_counter() - t_start
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    tmp.cleanup()
+
+    print(f"device: {results['device']}, torch {results['torch']}, {results['threads']} threads"
+          f"{' (smoke sizes)' if smoke else ''}")
+    rows = [
+        ("extraction / bare forward", "extraction_vs_forward",
+         f"{results['extraction_img_s']:.1f} vs {results['forward_img_s']:.1f} img/s"),
+        ("cached step vs encoder every step", "cached_speedup",
+         f"{1e3 * results['cached_step_s']:.1f} vs {1e3 * results['encoder_step_s']:.1f} ms/step"),
+        ("beam-3 batched vs one at a time", "batched_beam_speedup",
+         f"{results['beam3_batched_ms_per_image']:.1f} vs {results['beam3_single_ms_per_image']:.1f} ms/image"),
+        ("peak RSS 10x / 1x training images", "rss_ratio_10x",
+         f"{results['rss_10x_mib']:.0f} vs {results['rss_1x_mib']:.0f} MiB ({results['rss_model']})"),
+        ("make demo wall time (s)", "demo_sweep_seconds", results.get("demo_sweep", "")),
+    ]
+    for label, key, detail in rows:
+        value = results[key]
+        shown = "n/a" if value is None else f"{value:.2f}"
+        print(f"  {label:<36} {shown:>8}   {_verdict(key, value):<22} {detail}")
+    print("  training captions/s (cpu): " + ", ".join(f"{k} {v:.0f}" for k, v in results["captions_per_s"].items()))
+    if results["captions_per_s_cuda"]:
+        print("  training captions/s (cuda, bf16): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in results["captions_per_s_cuda"].items()))
+    else:
+        print("  CUDA: no GPU here, skipped")
+    print(f"benchmark took {results['benchmark_seconds']:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The benchmark in CI size: `experiments/benchmark.py --smoke` produces every figure (no timing assertions)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+KEYS = ["extraction_vs_forward", "cached_speedup", "batched_beam_speedup", "rss_ratio_10x", "demo_sweep_seconds",
+        "device", "captions_per_s"]
+
+
+def test_benchmark_smoke_produces_every_figure(tmp_path):
+    out = tmp_path / "benchmark.json"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    r = subprocess.run([sys.executable, "experiments/benchmark.py", "--smoke", "--out", str(out),
+                        "--root", str(tmp_path / "root")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = json.loads(out.read_text())
+    assert set(KEYS) <= set(b)
+    for key in ("extraction_vs_forward", "cached_speedup", "batched_beam_speedup", "rss_ratio_10x"):
+        assert isinstance(b[key], float) and math.isfinite(b[key]) and b[key] > 0, key
+        assert key.split("_")[0] in r.stdout or key in r.stdout or "goal" in r.stdout
+    assert b["beam_same_captions"] is True  # batched and one-at-a-time beam search agree
+    assert set(b["captions_per_s"]) == {"resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"}
+    assert all(v > 0 for v in b["captions_per_s"].values())
+    assert "goal >= 0.9" in r.stdout and "goal <= 1.3" in r.stdout
