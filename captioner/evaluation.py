@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_captioner
 from .encoders import EncoderSpec
-from .training import DATA_SHARDING, ConfigError, build_datamodule, prepare_distributed_launch, write_predictions
+from .training import (DATA_SHARDING, ConfigError, build_datamodule, prepare_distributed_launch, run_directory,
+                       write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     if not cfg.get("ckpt_path"):
         raise ConfigError("eval.py needs ckpt_path=PATH (a .ckpt in a run's checkpoints/ folder)")
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) if \
-        hydra.core.hydra_config.HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_directory(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     model = load_captioner(cfg.ckpt_path)

@@ -31,6 +31,12 @@ from .metrics import val_bleu_scores
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/(?!loss')")
 
 
+def _distributed() -> bool:
+    """Several processes (DDP) share this run."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.05) -> Callable[[int], float]:
     """LR multiplier: linear warm-up, then cosine decay to `min_ratio`."""
 
@@ -134,8 +140,7 @@ class Captioner(L.LightningModule):
         DistributedSampler repeated to pad the last shard are dropped), sorted by image index. The same list on
         every rank; in one process simply this process's outputs, sorted."""
         outs = self.eval_outputs
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if _distributed():
             per_rank: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(per_rank, outs)
             outs = [o for rank_outs in per_rank for o in rank_outs]
@@ -164,8 +169,7 @@ class Captioner(L.LightningModule):
         if self.global_rank == 0:
             results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
                                       meteor=self.hparams.meteor)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if _distributed():
             box = [results]
             torch.distributed.broadcast_object_list(box, src=0)
             results = box[0]

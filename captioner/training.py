@@ -96,15 +96,21 @@ def prepare_distributed_launch(trainer: L.Trainer, run_dir: Path) -> None:
         hydra_cfg.run.dir = str(run_dir.resolve())
 
 
+def run_directory(cfg: DictConfig) -> Path:
+    """This run's output dir (Hydra's, or trainer.default_root_dir outside Hydra), created."""
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) if \
+        hydra.core.hydra_config.HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def _instantiate_all(node) -> list:
     return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir) if \
-        hydra.core.hydra_config.HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_directory(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if "offline" in str(cfg.run_name):
         log.info("experiment=shapes_offline: %s runs with the packaged EfficientNet-Lite0 in place of its own "
