@@ -125,6 +125,7 @@ def beam_search(
 
     # Row b*K + k is beam k of image b, everywhere: state, tokens, seqs.
     state = {name: x.repeat_interleave(K, dim=0) for name, x in decoder.init_state(features).items()}
+    constant = dict(state)  # entries still identical to these objects were never changed by a step (see below)
     tokens = torch.full((B * K,), sos_id, dtype=torch.long, device=device)
     seqs = torch.full((B * K, max_len), pad_id, dtype=torch.long, device=device)
     # At the start the K beams of an image are the same <sos>: only one is live, or the top-K of the first step
@@ -139,6 +140,7 @@ def beam_search(
     steps = 0
     for t in range(max_len):  # t = words in each live beam before this step
         logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id)
+        constant = {name: x for name, x in state.items() if x is constant.get(name)}
         V = logp.shape[-1]
         # All K*V continuations of an image side by side; flat index i = beam * V + word.
         top, idx = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=1)
@@ -146,7 +148,10 @@ def beam_search(
         src = (first_row + idx // V).view(-1)  # the row each new beam continues (integer division: `//`)
         seqs = seqs.index_select(0, src)
         seqs[:, t] = word.view(-1)
-        state = {name: _reorder(x, src) for name, x in state.items()}
+        # A state tensor the step handed back unchanged (the transformer's cross-attention keys/values of the
+        # image) still holds K identical copies per image, and beams only move within their image: reordering
+        # it would copy megabytes per step for nothing (it was most of batched beam search's time).
+        state = {name: x if x is constant.get(name) else _reorder(x, src) for name, x in state.items()}
         tokens = word.view(-1)
         steps = t + 1
 

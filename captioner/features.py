@@ -6,7 +6,8 @@ Layout under `cache_dir`:
   <key>/global.npy      (N, D)    float16
   <key>/spatial.npy     (N, T, D) float16   (only when a config needs spatial tokens)
   <key>/verified.json   (size, mtime, inode) of each array when its checksums last matched
-  <key>.partial/        an extraction in progress: the arrays and progress.json
+  <key>.partial/        an extraction in progress: the arrays, plan.json (batch/chunk sizes, chunks verified
+                        as done when it started) and progress.<rank>.json (the chunks each process has done since)
   <key>.lock            flock'ed by the process that checks, builds or repairs <key>
 Training opens the arrays with `np.load(mmap_mode="r", allow_pickle=False)`: nothing is loaded whole into RAM, and
 a cache file can never run code (a pickled .npy is refused).
@@ -14,8 +15,8 @@ a cache file can never run code (a pickled .npy is refused).
 Guarantees (tests/test_reliability.py has a test for each):
 - Unreadable images (missing, empty, truncated, corrupt, not an image) never stop an extraction: their rows are
   zeros, `manifest["failed"]` / `FeatureCache.failed` name each with the reason, and a warning lists them.
-- `kill -9` at any moment loses at most the chunk being written. Rows are flushed (msync) before progress.json
-  records them with their checksums, and progress.json is replaced atomically. The next run re-checks the recorded
+- `kill -9` at any moment loses at most the chunk being written. Rows are flushed (msync) before a progress file
+  records them with their checksums, and progress files are replaced atomically. The next run re-checks the recorded
   chunks, encodes only the rest, with the recorded batch and chunk sizes, so the result is byte-identical to an
   uninterrupted extraction. Only a finished extraction is renamed to `<key>/`: a half-written cache never looks
   complete.
@@ -24,10 +25,13 @@ Guarantees (tests/test_reliability.py has a test for each):
   inode (hashing GBs of features on every open would cost seconds; a verification only counts when made 2 s or
   more after the file's last write, because file timestamps are coarse). Only the damaged chunks are re-extracted;
   a cache whose manifest is unreadable is rebuilt.
-- Concurrent processes (DDP ranks, two runs on one dataset) never build the same cache together: the first holds
+- Concurrent jobs (two runs on one dataset) never build the same cache together: the first holds
   `<key>.lock`, the others log "waiting for another process building ..." and then open its result. The kernel
   drops the lock when its holder dies, kill -9 included, so a lock is never stale.
-- manifest.json, progress.json and verified.json are written to a temp file, fsync'ed and renamed into place.
+- The ranks of one DDP job (an `ExtractionGroup`) share a build: each encodes every world-th chunk still to do into
+  the same arrays, rank 0 finalises. Chunks are whole batches, so the bytes equal a one-process extraction's.
+- manifest.json, plan.json, progress.<rank>.json and verified.json are written to a temp file, fsync'ed and renamed
+  into place.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import math
 import os
 import shutil
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,90 +413,163 @@ def _exclusive_lock(path: Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _resume(partial: Path, records: Sequence[CaptionRecord],
-            shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict[str, np.memmap]] | None:
-    """The progress of an interrupted extraction and its arrays, keeping only chunks whose rows still match their
-    recorded checksums; None when there is nothing usable to resume."""
-    state = _read_json(partial / "progress.json")
-    if (state is None or state.get("n") != len(records) or set(state.get("chunks", {})) != set(shapes)
-            or not isinstance(state.get("chunk_rows"), int) or not isinstance(state.get("batch_size"), int)):
-        return None
-    arrays = {}
+class ExtractionGroup:
+    """The processes that extract one cache together: this one's `rank` of `world`, and how they meet.
+
+    One process (the default): rank 0 of 1, nothing to coordinate. Under DDP (`from_torch_distributed()`) every
+    rank encodes its share of the chunks into the same `<key>.partial/` arrays; rank 0 alone decides, plans and
+    finalises, and the others follow it through `broadcast` and `barrier`.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
+                 broadcast: Callable[[object], object] | None = None) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.rank, self.world = rank, world
+        self._barrier, self._broadcast = barrier, broadcast
+
+    @classmethod
+    def from_torch_distributed(cls) -> "ExtractionGroup":
+        """The initialised torch.distributed process group, or one process when there is none."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls()
+
+        def broadcast(obj):
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        return cls(dist.get_rank(), dist.get_world_size(), dist.barrier, broadcast)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        return obj if self.world == 1 else self._broadcast(obj)
+
+
+SOLO = ExtractionGroup()
+
+
+def _recorded_chunks(partial: Path) -> dict[int, dict]:
+    """Chunks an interrupted extraction recorded as done, from plan.json and every rank's progress file:
+    {chunk: {"digests": {array: sha256}, "failed": {key: reason}}}."""
+    plan = _read_json(partial / "plan.json") or {}
+    recorded = {int(c): v for c, v in plan.get("done", {}).items()}
+    for f in sorted(partial.glob("progress.*.json")):
+        recorded.update({int(c): v for c, v in (_read_json(f) or {}).get("chunks", {}).items()})
+    return recorded
+
+
+def _plan(partial: Path, n: int, shapes: dict[str, tuple[int, ...]], batch_size: int, flush_every: int,
+          label: str) -> dict:
+    """Rank 0: create `<key>.partial/` or take over an interrupted one, and write plan.json: the batch and chunk
+    sizes (an interrupted run's, so that its rows stay byte-identical) and the recorded chunks whose rows still
+    match their checksums. Every other chunk is left to encode."""
+    plan = _read_json(partial / "plan.json")
+    usable = (plan is not None and plan.get("n") == n and plan.get("shapes") == {k: list(v) for k, v in shapes.items()}
+              and isinstance(plan.get("batch_size"), int) and isinstance(plan.get("chunk_rows"), int))
     for name, shape in shapes.items():
         header = _npy_header(shape)
         try:
             with open(partial / name, "rb") as f:
-                ok = f.read(len(header)) == header
-            ok = ok and (partial / name).stat().st_size == len(header) + shape[0] * _row_bytes(shape)
+                usable = usable and f.read(len(header)) == header
+            usable = usable and (partial / name).stat().st_size == len(header) + shape[0] * _row_bytes(shape)
         except OSError:
-            ok = False
-        if not ok:
-            return None
-        arrays[name] = np.memmap(partial / name, dtype=DTYPE, mode="r+", offset=len(header), shape=shape)
-    recorded = min(len(digests) for digests in state["chunks"].values())
-    good = 0  # chunks 0 .. good-1 are trusted; from the first mismatch on, everything is encoded again
-    for c, (a, b) in enumerate(_chunk_ranges(len(records), state["chunk_rows"], range(recorded))):
-        if any(_digest(arrays[name][a:b]) != state["chunks"][name][c] for name in shapes):
-            break
-        good = c + 1
-    done = min(len(records), good * state["chunk_rows"])
-    keep = {r.key for r in records[:done]}
-    state["chunks"] = {name: digests[:good] for name, digests in state["chunks"].items()}
-    state["failed"] = {k: v for k, v in state.get("failed", {}).items() if k in keep}
-    state["done"] = done
-    return state, arrays
+            usable = False
+    done: dict[int, dict] = {}
+    if usable:
+        recorded = _recorded_chunks(partial)
+        arrays = {name: np.memmap(partial / name, dtype=DTYPE, mode="r", offset=len(_npy_header(shape)),
+                                  shape=shape) for name, shape in shapes.items()}
+        ranges = _chunk_ranges(n, plan["chunk_rows"])
+        done = {c: v for c, v in recorded.items() if c < len(ranges) and set(v["digests"]) == set(shapes)
+                and all(_digest(arrays[name][slice(*ranges[c])]) == v["digests"][name] for name in shapes)}
+        del arrays
+        if (plan["batch_size"], plan["chunk_rows"]) != (batch_size, batch_size * flush_every):
+            log.info("resuming with the interrupted run's batch size %d and chunk size %d, so that its features "
+                     "are byte-identical to an uninterrupted run", plan["batch_size"], plan["chunk_rows"])
+        log.info("resuming feature extraction of %s: %d of %d images already done", label,
+                 sum(b - a for c, (a, b) in enumerate(ranges) if c in done), n)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name, shape in shapes.items():
+            _open_array(partial / name, shape, create=True)
+        plan = {"n": n, "shapes": {k: list(v) for k, v in shapes.items()}, "batch_size": batch_size,
+                "chunk_rows": batch_size * flush_every}
+    plan["done"] = {str(c): v for c, v in sorted(done.items())}
+    _atomic_write_text(partial / "plan.json", json.dumps(plan))
+    for f in partial.glob("progress.*.json"):  # what they recorded (and still holds) is in plan.json now
+        f.unlink()
+    return plan
 
 
 def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str, spatial: bool,
-           batch_size: int, num_workers: int, flush_every: int, progress: bool, device) -> None:
-    """Extract into `<key>.partial/` (resuming it when possible) and rename it to `<key>/` when complete."""
+           batch_size: int, num_workers: int, flush_every: int, progress: bool, device,
+           group: ExtractionGroup = SOLO) -> None:
+    """Extract into `<key>.partial/` (resuming it when possible) and rename it to `<key>/` when complete.
+
+    With a group of several processes, each encodes every world-th chunk still to do into the shared arrays and
+    records it in its own progress.<rank>.json; rank 0 then checks that every chunk is there and finalises. The
+    batches are those of a one-process extraction (chunks are whole batches), so are the bytes.
+    """
     from tqdm.auto import tqdm
 
     partial = final.with_name(final.name + ".partial")
     n = len(records)
     shapes = _shapes(n, encoder.dim, encoder.num_tokens, spatial)
-    resumed = _resume(partial, records, shapes)
-    if resumed is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        state = {"n": n, "batch_size": batch_size, "chunk_rows": batch_size * flush_every, "done": 0,
-                 "chunks": {name: [] for name in shapes}, "failed": {}}
-        arrays = {name: _open_array(partial / name, shape, create=True) for name, shape in shapes.items()}
-    else:
-        state, arrays = resumed
-        if (state["batch_size"], state["chunk_rows"]) != (batch_size, batch_size * flush_every):
-            log.info("resuming with the interrupted run's batch size %d and chunk size %d, so that its features "
-                     "are byte-identical to an uninterrupted run", state["batch_size"], state["chunk_rows"])
-        log.info("resuming feature extraction of %s at image %d of %d", label, state["done"], n)
+    plan = group.broadcast(_plan(partial, n, shapes, batch_size, flush_every, label) if group.rank == 0 else None)
+    ranges = _chunk_ranges(n, plan["chunk_rows"])
+    mine = [c for c in range(len(ranges)) if str(c) not in plan["done"]][group.rank::group.world]
+    arrays = {name: np.memmap(partial / name, dtype=DTYPE, mode="r+", offset=len(_npy_header(shape)), shape=shape)
+              for name, shape in shapes.items()}
+    progress_file = partial / f"progress.{group.rank}.json"
+    recorded: dict[str, dict] = {}
 
     def chunk_done(a: int, b: int, failed: dict[str, str]) -> None:
         _flush(arrays)
-        for name, array in arrays.items():
-            state["chunks"][name].append(_digest(array[a:b]))
-        state["failed"].update(failed)
-        state["done"] = b
-        _atomic_write_text(partial / "progress.json", json.dumps(state))
+        recorded[str(a // plan["chunk_rows"])] = {
+            "digests": {name: _digest(array[a:b]) for name, array in arrays.items()}, "failed": failed}
+        _atomic_write_text(progress_file, json.dumps({"chunks": recorded}))
 
+    if group.world > 1:
+        log.info("rank %d of %d extracts %d of the %d chunks of %s still to do", group.rank, group.world,
+                 len(mine), len(ranges) - len(plan["done"]), label)
     encoder = encoder.to(device)
-    bar = tqdm(total=n, initial=state["done"], desc=f"features {label}", unit="img", disable=not progress,
-               smoothing=0.1)
-    _encode_ranges(encoder, records, _chunk_ranges(n, state["chunk_rows"])[state["done"] // state["chunk_rows"]:],
-                   arrays, state["batch_size"], num_workers, device, chunk_done, bar)
+    todo = [ranges[c] for c in mine]
+    bar = tqdm(total=sum(b - a for a, b in todo), desc=f"features {label}", unit="img",
+               disable=not progress or group.rank != 0, smoothing=0.1)
+    _encode_ranges(encoder, records, todo, arrays, plan["batch_size"], num_workers, device, chunk_done, bar)
     bar.close()
     arrays.clear()  # unmap before the rename
+    group.barrier()  # every rank's chunks are on disk and recorded
 
-    manifest = {
-        "version": FORMAT_VERSION, "label": label, "keys": [r.key for r in records], "spatial": spatial,
-        "grid": list(encoder.grid), "dim": encoder.dim, "encoder": encoder.spec.to_dict(),
-        "failed": {r.key: state["failed"][r.key] for r in records if r.key in state["failed"]},
-        "batch_size": state["batch_size"], "chunk_rows": state["chunk_rows"], "chunks": state["chunks"],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    _atomic_write_text(partial / "manifest.json", json.dumps(manifest))
-    # A kill between these lines leaves a complete .partial/ with its progress: the next run only renames it.
-    os.replace(partial, final)
-    _fsync_dir(final.parent)
-    (final / "progress.json").unlink(missing_ok=True)
+    if group.rank == 0:
+        done = _recorded_chunks(partial)
+        missing = [c for c in range(len(ranges)) if c not in done]
+        if missing:
+            raise RuntimeError(f"feature extraction of {label}: chunks {missing[:10]} were not recorded by any "
+                               f"process; run again to resume {partial}")
+        failed = {k: v for c in range(len(ranges)) for k, v in done[c]["failed"].items()}
+        manifest = {
+            "version": FORMAT_VERSION, "label": label, "keys": [r.key for r in records], "spatial": spatial,
+            "grid": list(encoder.grid), "dim": encoder.dim, "encoder": encoder.spec.to_dict(),
+            "failed": {r.key: failed[r.key] for r in records if r.key in failed},
+            "batch_size": plan["batch_size"], "chunk_rows": plan["chunk_rows"],
+            "chunks": {name: [done[c]["digests"][name] for c in range(len(ranges))] for name in shapes},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _atomic_write_text(partial / "manifest.json", json.dumps(manifest))
+        # A kill between these lines leaves a complete .partial/ with its progress: the next run only renames it.
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+        for f in [final / "plan.json", *final.glob("progress.*.json")]:
+            f.unlink(missing_ok=True)
+    group.barrier()  # the other ranks open `final` only after the rename
 
 
 def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str,
@@ -542,32 +620,47 @@ def _warn_failed(cache: FeatureCache, label: str) -> None:
 def _open_or_build(cache_dir: Path, key: str, records: Sequence[CaptionRecord],
                    get_encoder: Callable[[], FrozenEncoder], label: str, spatial: bool = False, batch_size: int = 8,
                    num_workers: int = 2, flush_every: int = 32, progress: bool = True,
-                   device: str | torch.device = "cpu") -> FeatureCache:
-    """The verified cache `<cache_dir>/<key>` of these records, built, resumed or repaired as needed, under the
-    entry's lock. `get_encoder` is only called when something has to be encoded."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+                   device: str | torch.device = "cpu", group: ExtractionGroup = SOLO) -> FeatureCache:
+    """The verified cache `<cache_dir>/<key>` of these records, built, resumed or repaired as needed. Rank 0 holds
+    the entry's lock throughout (other jobs wait) and decides; a build is shared by every rank of `group`, a repair
+    (a few damaged chunks) is rank 0's alone. `get_encoder` is only called when something has to be encoded."""
     final = cache_dir / key
-    with _exclusive_lock(cache_dir / f"{key}.lock", label):
-        if final.exists():
-            try:
-                cache = FeatureCache.open(final)
-                if cache.keys != [r.key for r in records]:
-                    raise CacheDamagedError(final, ["its manifest lists other images than the dataset"], None)
-                _warn_failed(cache, label)
-                return cache
-            except CacheDamagedError as e:
-                log.warning("%s", e)
-                if e.chunks is not None:
-                    _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device)
-                    cache = FeatureCache.open(final)  # verified again: damage that persists is an error
-                    _warn_failed(cache, label)
-                    return cache
-                shutil.rmtree(final)
-        _build(final, records, get_encoder(), label, spatial, batch_size, num_workers, flush_every, progress,
-               device)
-        cache = FeatureCache.open(final, verify=False)  # every chunk was just checksummed while written
+    lock = _exclusive_lock(cache_dir / f"{key}.lock", label) if group.rank == 0 else contextlib.nullcontext()
+    if group.rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    with lock:
+        ready = group.broadcast(_open_or_repair(final, records, get_encoder, label, num_workers, progress, device)
+                                if group.rank == 0 else None)
+        if not ready:
+            _build(final, records, get_encoder(), label, spatial, batch_size, num_workers, flush_every, progress,
+                   device, group)
+        else:
+            group.barrier()
+    cache = FeatureCache.open(final, verify=False)  # verified by rank 0, or every chunk checksummed while written
+    if group.rank == 0:
         _warn_failed(cache, label)
-        return cache
+    return cache
+
+
+def _open_or_repair(final: Path, records: Sequence[CaptionRecord], get_encoder: Callable[[], FrozenEncoder],
+                    label: str, num_workers: int, progress: bool, device) -> bool:
+    """True when `final` holds a verified cache of these records (repairing damaged chunks first); False when it
+    must be built (absent, or damaged beyond repair: then it is removed)."""
+    if not final.exists():
+        return False
+    try:
+        cache = FeatureCache.open(final)
+        if cache.keys != [r.key for r in records]:
+            raise CacheDamagedError(final, ["its manifest lists other images than the dataset"], None)
+        return True
+    except CacheDamagedError as e:
+        log.warning("%s", e)
+        if e.chunks is not None:
+            _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device)
+            FeatureCache.open(final)  # verified again: damage that persists is an error
+            return True
+        shutil.rmtree(final)
+        return False
 
 
 def prepare_features(
@@ -578,7 +671,9 @@ def prepare_features(
     spatial: bool = False,
     **extract_kwargs,
 ) -> dict[str, FeatureCache]:
-    """Open (or build) the cache of every split; the encoder is only built when some split must be encoded."""
+    """Open (or build) the cache of every split; the encoder is only built when some split must be encoded.
+    `extract_kwargs`: batch_size, num_workers, flush_every, progress, device, and `group` (an ExtractionGroup: every
+    rank of a DDP job calls this, and each encodes its share of a cache that has to be built)."""
     sig = transform_signature(spec_transform(spec))
     encoder: FrozenEncoder | None = None
 
@@ -607,6 +702,7 @@ def extract_features(
     flush_every: int = 32,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    group: ExtractionGroup = SOLO,
 ) -> FeatureCache:
     """Return the cache for these records, extracting (or resuming, or repairing) it if needed.
 
@@ -616,4 +712,4 @@ def extract_features(
                     transform_signature(encoder.transform()), spatial)
     return _open_or_build(Path(cache_dir), key, records, lambda: encoder, f"{dataset_id}/{split}", spatial=spatial,
                           batch_size=batch_size, num_workers=num_workers, flush_every=flush_every,
-                          progress=progress, device=device)
+                          progress=progress, device=device, group=group)

@@ -28,7 +28,8 @@ from captioner import images
 from captioner.data.formats import SKIP_HINTS, read_csv, read_flickr8k, read_flickr8k_csv, read_flickr30k
 from captioner.data import formats as F
 from captioner.data.records import CaptionRecord
-from captioner.features import CacheDamagedError, FeatureCache, _atomic_write_text, extract_features
+from captioner.features import (SOLO, CacheDamagedError, ExtractionGroup, FeatureCache, _atomic_write_text,
+                                _recorded_chunks, extract_features)
 from captioner.images import ImageReadError, load_image
 
 BATCH, FLUSH_EVERY = 4, 2  # chunks of 8 rows: the 40 images below make 5 chunks
@@ -328,14 +329,14 @@ def test_kill_9_mid_extraction_resumes_without_recomputing_and_is_byte_identical
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert encoded(count_file) == 20
     partial = cache_dir / f"{reference[0].name}.partial"
-    assert json.loads((partial / "progress.json").read_text())["done"] == 16
+    assert sorted(_recorded_chunks(partial)) == [0, 1]  # rows 0-15
     assert not (cache_dir / reference[0].name).exists()  # nothing looks complete
 
     with counting(lite0) as seen:
         resumed = extract(lite0, clip, cache_dir)
     assert sum(seen) == 24  # the 16 recorded images were not encoded again
     assert digests(resumed.path) == reference[1]
-    assert not partial.exists() and not (resumed.path / "progress.json").exists()
+    assert not partial.exists() and not list(resumed.path.glob("p*.json"))  # no plan/progress left
 
 
 def test_resume_re_encodes_a_recorded_chunk_whose_rows_were_lost(clip, reference, lite0, tmp_path):
@@ -490,6 +491,47 @@ def test_two_processes_extracting_at_once_build_once_and_agree(clip, reference, 
     assert not list(cache_dir.glob("*.partial"))
 
 
+# --- 5b. DDP ranks sharing one extraction (issue 7) -----------------------------------------------------------------
+
+def _ddp_configs(tmp_path: Path, clip, cache_dir: Path, world: int) -> list[dict]:
+    init = f"file://{tmp_path / 'ddp_init'}"
+    return [{"records": [[r.key, str(r.image)] for r in clip], "cache_dir": str(cache_dir),
+             "count_file": str(tmp_path / f"encoded{rank}.txt"), "ddp": {"rank": rank, "world": world, "init": init}}
+            for rank in range(world)]
+
+
+def test_two_ddp_ranks_share_an_extraction_and_the_cache_is_byte_identical(clip, reference, tmp_path):
+    """40 images = 5 chunks of 8: rank 0 encodes chunks 0, 2, 4 and rank 1 chunks 1, 3 into the same arrays; rank 0
+    finalises. The arrays are byte-identical to a one-process extraction, and each image was encoded once."""
+    cache_dir = tmp_path / "cache"
+    results = run_workers(tmp_path, _ddp_configs(tmp_path, clip, cache_dir, 2))
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert [encoded(tmp_path / f"encoded{rank}.txt") for rank in range(2)] == [24, 16]
+    assert "rank 1 of 2 extracts 2 of the 5 chunks" in results[1].stderr
+    paths = {json.loads(r.stdout.splitlines()[-1])["path"] for r in results}
+    assert paths == {str(cache_dir / reference[0].name)}
+    assert digests(Path(paths.pop())) == reference[1]
+    manifest = json.loads((cache_dir / reference[0].name / "manifest.json").read_text())
+    assert manifest["chunks"] == json.loads((reference[0] / "manifest.json").read_text())["chunks"]
+    assert not list(cache_dir.glob("*.partial"))
+
+
+def test_ddp_ranks_resume_a_one_process_extraction_killed_mid_way(clip, reference, tmp_path):
+    """A one-process extraction killed after chunk 0 (rows 0-7) is finished by 2 ranks: only the 4 remaining
+    chunks are encoded, 2 by each, and the result is byte-identical to an uninterrupted extraction."""
+    cache_dir = tmp_path / "cache"
+    [killed] = run_workers(tmp_path, [{"records": [[r.key, str(r.image)] for r in clip], "cache_dir": str(cache_dir),
+                                        "count_file": str(tmp_path / "killed.txt"), "kill_at_forward": 4}])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(_recorded_chunks(cache_dir / f"{reference[0].name}.partial")) == [0]
+    results = run_workers(tmp_path, _ddp_configs(tmp_path, clip, cache_dir, 2))
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert [encoded(tmp_path / f"encoded{rank}.txt") for rank in range(2)] == [16, 16]
+    assert digests(cache_dir / reference[0].name) == reference[1]
+
+
 # --- 6. no pickle -----------------------------------------------------------------------------------------------------
 
 class _Payload:
@@ -545,8 +587,13 @@ def _worker(config_file: str) -> None:
         while not Path(cfg["wait_for"]).exists() and time.monotonic() < deadline:
             time.sleep(0.01)
     records = [CaptionRecord(image=Path(p), captions=["x"], split="train", key=k) for k, p in cfg["records"]]
+    group = SOLO
+    if cfg.get("ddp"):  # one rank of a DDP job: a gloo process group, as Lightning's DDP sets up
+        rank, world = cfg["ddp"]["rank"], cfg["ddp"]["world"]
+        torch.distributed.init_process_group("gloo", init_method=cfg["ddp"]["init"], rank=rank, world_size=world)
+        group = ExtractionGroup.from_torch_distributed()
     cache = extract(encoder, records, Path(cfg["cache_dir"]), batch_size=cfg["batch_size"],
-                    flush_every=cfg["flush_every"])
+                    flush_every=cfg["flush_every"], group=group)
     print(json.dumps({"path": str(cache.path)}))
 
 

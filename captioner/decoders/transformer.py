@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.vocabulary import Vocabulary
+from .dropout import ByteDropout, byte_dropout
 
 
 def _split_heads(x: Tensor, n_head: int) -> Tensor:
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = ByteDropout(dropout)
 
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv(x).chunk(2, dim=-1)
@@ -60,21 +61,27 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, n, d), k/v (B, heads, m, dh) -> (B, n, d), and the weights (B, heads, n, m) if asked for."""
         q = _split_heads(self.q(x), self.num_heads)
-        if need_weights:
-            # SDPA never materialises the weights; this explicit form is only taken when they are wanted
-            # (visualising a decoded caption), and only for non-causal cross-attention.
-            assert not causal
-            att = (q @ k.transpose(-2, -1)).float().mul(q.shape[-1] ** -0.5).softmax(dim=-1)
-            y = att.to(v.dtype) @ v
+        p = self.dropout if self.training else 0.0
+        if need_weights or (p > 0 and q.device.type == "cpu"):
+            # The explicit form: SDPA never materialises the weights, which are wanted when visualising a decoded
+            # caption; and with attention dropout on CPU, SDPA takes this same unfused path anyway but draws
+            # its mask with the slow per-element Bernoulli (see dropout.py).
+            scores = (q @ k.transpose(-2, -1)).float().mul(q.shape[-1] ** -0.5)
+            if causal:
+                n, m = scores.shape[-2:]
+                future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(m - n + 1)
+                scores = scores.masked_fill(future, float("-inf"))
+            att = scores.softmax(dim=-1)
+            y = byte_dropout(att, p).to(v.dtype) @ v
+            att = att if need_weights else None
         else:
-            p = self.dropout if self.training else 0.0
             y, att = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal), None
         return self.resid_drop(self.out(_merge_heads(y))), att
 
 
 class MLP(nn.Sequential):
     def __init__(self, d_model: int, ff_dim: int, dropout: float) -> None:
-        super().__init__(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model), nn.Dropout(dropout))
+        super().__init__(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model), ByteDropout(dropout))
 
 
 class EncoderBlock(nn.Module):
@@ -154,7 +161,7 @@ class TransformerDecoder(nn.Module):
         # word side
         self.tok_emb = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.pad_id)
         self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
-        self.drop = nn.Dropout(dropout)
+        self.drop = ByteDropout(dropout)
         self.blocks = nn.ModuleList(DecoderBlock(d_model, num_heads, ff_dim, dropout) for _ in range(decoder_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
