@@ -3,10 +3,12 @@
 usage: python -m captioner.prepare [hydra overrides]
   e.g. python -m captioner.prepare data=shapes encoder=efficientnet_lite0
        python -m captioner.prepare data=flickr8k data.root=~/data/flickr8k encoder=dinov2_vits14 features.kind=spatial
+       torchrun --nproc-per-node 4 -m captioner.prepare data=coco ...   # 4 processes (GPUs) share the extraction
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -15,12 +17,35 @@ from omegaconf import DictConfig
 from .config import command_main, resolve_device
 from .data import SPLITS, dataset_id, load_dataset
 from .encoders import EncoderSpec
-from .features import prepare_features
+from .features import SOLO, ExtractionGroup, prepare_features
+
+
+def _extraction_group(device: str) -> tuple[ExtractionGroup, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo), one GPU per local rank;
+    every rank then extracts its share of each cache. Otherwise one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return SOLO, device
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return ExtractionGroup.from_torch_distributed(), device
 
 
 def prepare(cfg: DictConfig) -> int:
     t0 = time.perf_counter()
+    group, device = _extraction_group(resolve_device(cfg.features.device))
+    if group.rank != 0:
+        group.barrier()  # rank 0 generates / reads the dataset first (generation is not shared)
     dataset = load_dataset(cfg.data)
+    if group.rank == 0:
+        group.barrier()
     print(f"dataset {dataset.name} at {dataset.root}: " + ", ".join(
         f"{s} {n} images / {c} captions" for s, (n, c) in dataset.counts().items()) + f" ({time.perf_counter() - t0:.1f} s)")
     if dataset.skipped.total:
@@ -29,7 +54,9 @@ def prepare(cfg: DictConfig) -> int:
     caches = prepare_features(
         {s: dataset.split(s) for s in SPLITS}, spec, cfg.paths.cache_dir, dataset_id(dataset),
         spatial=cfg.features.kind == "spatial", batch_size=cfg.features.batch_size,
-        num_workers=cfg.features.num_workers, device=resolve_device(cfg.features.device))
+        num_workers=cfg.features.num_workers, device=device, group=group)
+    if group.rank != 0:
+        return 0
     total = 0
     for split, cache in caches.items():
         size = sum(f.stat().st_size for f in cache.path.iterdir())
@@ -39,7 +66,7 @@ def prepare(cfg: DictConfig) -> int:
               f"{'' if cache.spatial is None else f' + spatial {tuple(cache.spatial.shape)}'} in {cache.path} "
               f"({size / 2**20:.1f} MiB){extra}")
     print(f"ready: {spec.name} ({spec.weights}) features for {dataset.name}, {total / 2**20:.1f} MiB on disk, "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"{time.perf_counter() - t0:.1f} s" + (f" ({group.world} processes)" if group.world > 1 else ""))
     return 0
 
 

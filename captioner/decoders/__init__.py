@@ -4,8 +4,7 @@ and implements one interface, which is all that training and `captioner.decoding
   feature: str                        "pooled": features are (B, D); "spatial": (B, T, D) over a 2-D grid
   forward(features, captions)         teacher forcing: captions (B, L) = <sos> w1 .. <eos> <pad>.. ->
                                       logits (B, L-1, V), position t predicting captions[:, t+1]; a position
-                                      never depends on later (padded) tokens, and the logits of positions whose
-                                      target is padding are unspecified (the recurrent decoders skip them)
+                                      never depends on later (padded) tokens
   init_state(features) -> state       dict of tensors, batch in dim 0 (beam search reorders it with
                                       `index_select(0, ...)` and expands it with `repeat_interleave(k, 0)`)
   step(tokens, state) -> (logits, state)

@@ -67,14 +67,10 @@ class _RecurrentDecoder(nn.Module):
         if image_index is not None:
             features = features.index_select(0, image_index)
         image_step, hx = self.encode(features)
-        inputs = captions[:, :-1]
-        x = self.embed(inputs)
+        x = self.embed(captions[:, :-1])
         if image_step is not None:
             x = torch.cat([image_step, x], dim=1)
-        # Packed: the recurrence stops at each caption's last real input instead of running over the batch's
-        # padding (39% of the steps of a shapes batch); the outputs there are zeros, and their targets are padding.
-        lengths = (inputs != Vocabulary.pad_id).sum(dim=1) + (image_step is not None)
-        out, _ = self._recur(x, hx, lengths)
+        out, _ = self._recur(x, hx)
         if image_step is not None:
             out = out[:, 1:]  # the image step's output predicts no word
         return self.head(self.drop(out))
@@ -90,21 +86,15 @@ class _RecurrentDecoder(nn.Module):
         out, hx = self._recur(self.embed(tokens)[:, None], self._from_state(state))
         return self.head(self.drop(out[:, 0])), self._to_state(hx)
 
-    def _recur(self, x: Tensor, hx: Hidden | None, lengths: Tensor | None = None) -> tuple[Tensor, Hidden]:
+    def _recur(self, x: Tensor, hx: Hidden | None) -> tuple[Tensor, Hidden]:
         """The RNN/LSTM call, in the parameters' dtype even under autocast: bf16 recurrent kernels are missing on
         some backends (CUDA's fused LSTM cell, oneDNN), and a bf16 state would lose precision step after step.
-        The projections and the output head around it still run under autocast. With `lengths` (B,) the
-        sequences are packed: outputs past a sequence's length are zeros (and the returned state is not used)."""
+        The projections and the output head around it still run under autocast."""
         dtype = self.rnn.weight_hh_l0.dtype
         if hx is not None:
             hx = tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            if lengths is None:
-                return self.rnn(x.to(dtype), hx)
-            packed = nn.utils.rnn.pack_padded_sequence(x.to(dtype), lengths.cpu(), batch_first=True,
-                                                       enforce_sorted=False)
-            out, hx = self.rnn(packed, hx)
-            return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0], hx
+            return self.rnn(x.to(dtype), hx)
 
     # -- batch-first state <-> PyTorch's (num_layers, B, H) ---------------------------------------------------
 
