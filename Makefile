@@ -41,7 +41,7 @@ sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra
 
 VARIANTS := resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
 
-demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈30 min, 2 CPU cores)
+demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈27 min, 2 CPU cores)
 	@d=multirun/demo-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
 	$(PY) train.py -m model=$(VARIANTS) hydra.sweep.dir=$$d && \
 	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
