@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -182,7 +181,13 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int) -> dict:
 
 # -- 4 ---------------------------------------------------------------------------------------------------------
 _RSS_CHILD = r"""
-import json, resource, sys
+import json, sys
+def peak_kib():
+    # VmHWM: this process's own peak RSS. Not getrusage's ru_maxrss: on Linux that keeps the high-water mark of the
+    # forked parent across exec, so every child would report the (large) benchmark process's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 sys.path.insert(0, sys.argv[1])
 from captioner.config import compose
 from captioner.training import build_datamodule, build_model
@@ -192,11 +197,11 @@ cfg = compose(["model=" + sys.argv[2], "paths.root_dir=" + sys.argv[3], "data.nu
 dm = build_datamodule(cfg); dm.progress = False; dm.prepare_data(); dm.setup("fit")
 model = build_model(cfg, dm)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kib()
 for b in dm.train_dataloader():  # one full epoch
     loss = model.caption_loss(b["features"], b["captions"], b["caption_image"])
     opt.zero_grad(); loss.backward(); opt.step()
-print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "before_epoch_kib": base}))
+print(json.dumps({"peak_kib": peak_kib(), "before_epoch_kib": base}))
 """
 
 
