@@ -225,7 +225,12 @@ def _open_array(path: Path, shape: tuple[int, ...], create: bool) -> np.memmap:
     with open(path, "wb" if create or not path.exists() else "r+b") as f:
         f.write(header)
         f.truncate(len(header) + shape[0] * _row_bytes(shape))
-    return np.memmap(path, dtype=DTYPE, mode="r+", offset=len(header), shape=shape)
+    return _map_array(path, shape, "r+")
+
+
+def _map_array(path: Path, shape: tuple[int, ...], mode: str) -> np.memmap:
+    """The rows of an existing .npy file of `shape` written by this module (its header already checked)."""
+    return np.memmap(path, dtype=DTYPE, mode=mode, offset=len(_npy_header(shape)), shape=shape)
 
 
 def _digest(rows: np.ndarray) -> str:
@@ -483,8 +488,7 @@ def _plan(partial: Path, n: int, shapes: dict[str, tuple[int, ...]], batch_size:
     done: dict[int, dict] = {}
     if usable:
         recorded = _recorded_chunks(partial)
-        arrays = {name: np.memmap(partial / name, dtype=DTYPE, mode="r", offset=len(_npy_header(shape)),
-                                  shape=shape) for name, shape in shapes.items()}
+        arrays = {name: _map_array(partial / name, shape, "r") for name, shape in shapes.items()}
         ranges = _chunk_ranges(n, plan["chunk_rows"])
         done = {c: v for c, v in recorded.items() if c < len(ranges) and set(v["digests"]) == set(shapes)
                 and all(_digest(arrays[name][slice(*ranges[c])]) == v["digests"][name] for name in shapes)}
@@ -525,8 +529,7 @@ def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder
     plan = group.broadcast(_plan(partial, n, shapes, batch_size, flush_every, label) if group.rank == 0 else None)
     ranges = _chunk_ranges(n, plan["chunk_rows"])
     mine = [c for c in range(len(ranges)) if str(c) not in plan["done"]][group.rank::group.world]
-    arrays = {name: np.memmap(partial / name, dtype=DTYPE, mode="r+", offset=len(_npy_header(shape)), shape=shape)
-              for name, shape in shapes.items()}
+    arrays = {name: _map_array(partial / name, shape, "r+") for name, shape in shapes.items()}
     progress_file = partial / f"progress.{group.rank}.json"
     recorded: dict[str, dict] = {}
 

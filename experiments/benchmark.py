@@ -11,7 +11,7 @@ usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--devic
                              repos' way; also reported: each distinct image once)            goal >= 30x
   3. batched_beam_speedup    beam-3 per image: one image at a time / the whole batch together  goal >= 10x
   4. rss_ratio_10x           peak RSS of a training epoch over 10x the training images / over 1x
-                             (features are memory-mapped, not loaded)                          goal <= 1.3
+                             (feature rows are read per batch, not loaded)                      goal <= 1.3
   5. captions_per_s          training throughput of each of the five decoders on cached features; and
      demo_sweep_seconds      the wall time of the last `make demo` (read from its sweep_seconds.txt: the sweep
                              itself takes longer than this benchmark)                          goal <= 900 s
