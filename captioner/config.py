@@ -35,6 +35,31 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16, read from /proc/cpuinfo's flags). Where it
+    does, bf16 autocast is 2-3x faster than fp32 (measured on 2 Sapphire Rapids cores: EfficientNet-Lite0 forward
+    1.6 -> 0.69 s per 64 images, a dino_lstm_init training step 118 -> 37 ms); where it does not, oneDNN emulates
+    bf16 and is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know, so stay in fp32
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`trainer.precision=auto` -> bf16-mixed where the hardware has bf16 (a CUDA GPU that supports it, or a CPU
+    with AMX / AVX512-BF16), else 32-true. Any other value is Lightning's own and passes through."""
+    if str(precision) != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator == "cpu":
+        return "bf16-mixed" if cpu_has_bf16() else "32-true"
+    raise ValueError(f"trainer.precision=auto is resolved for trainer.accelerator cpu or gpu, not {accelerator!r}; "
+                     "set trainer.precision explicitly (e.g. 32-true)")
+
+
 def command_main(run, argv: Sequence[str] | None = None) -> int:
     """Entry point shared by the data commands: `python -m captioner.X key=value ...`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_captioner
 from .encoders import EncoderSpec
-from .training import (DATA_SHARDING, ConfigError, build_datamodule, prepare_distributed_launch, run_directory,
+from .training import (ConfigError, build_datamodule, instantiate_trainer, prepare_distributed_launch, run_directory,
                        write_predictions)
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     model.decode_cfg.update(OmegaConf.to_container(cfg.decode))
     model.hparams.meteor = cfg.metrics.meteor
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=1,
-                                                 default_root_dir=str(run_dir), **DATA_SHARDING)
+    trainer = instantiate_trainer(cfg, logger=False, callbacks=[], max_epochs=1, default_root_dir=str(run_dir))
     prepare_distributed_launch(trainer, run_dir)
     t0 = time.perf_counter()
     trainer.test(model, datamodule=dm, verbose=False)

@@ -103,19 +103,30 @@ def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str
 # The layout of one row, for BLEU up to order n (n=4 -> 10 columns):
 #   [correct_1..correct_n, guess_1..guess_n, hypothesis length, reference length]
 
-def bleu_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4):
+def cook_references(references: Sequence[Sequence[str]], n: int = 4) -> list:
+    """Each image's references, normalised and cooked by pycocoevalcap (n-gram max counts, lengths), for
+    `bleu_stats(..., cooked=)` when many hypothesis sets are scored against the same references."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs
+
+    gts, _ = _gts_res([""] * len(references), references)
+    return [cook_refs(gts[i], n=n) for i in gts]
+
+
+def bleu_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, cooked=None):
     """Per-image BLEU sufficient statistics, shape (n_images, 2n+2) float64, computed exactly as pycocoevalcap's
     `Bleu(n).compute_score` does on the same (normalised) text: clipped n-gram matches against the per-n-gram max
     count over all references, guess counts max(0, len-k+1), and the reference length closest to the hypothesis
-    length (ties -> the shorter reference), as Bleu passes option='closest'."""
+    length (ties -> the shorter reference), as Bleu passes option='closest'. `cooked`: `cook_references` of
+    `references`, computed once."""
     import numpy as np
-    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+    from pycocoevalcap.bleu.bleu_scorer import cook_test
 
     gts, res = _gts_res(hypotheses, references)  # same tokenisation (and empty-hypothesis guard) as caption_metrics
+    cooked = cook_references(references, n) if cooked is None else cooked
     out = np.zeros((len(gts), 2 * n + 2), dtype=np.float64)
     for i in gts:
         # pycocoevalcap's own cooking functions, so clipping and n-gram extraction cannot drift from its scorer
-        comps = cook_test(res[i][0], cook_refs(gts[i], n=n), n=n)
+        comps = cook_test(res[i][0], cooked[i], n=n)
         testlen = comps["testlen"]
         reflen = min((abs(length - testlen), length) for length in comps["reflen"])[1]  # option='closest'
         out[i, :n] = comps["correct"]

@@ -8,7 +8,8 @@ usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--devic
                              img/s at the same batch size                                       goal >= 0.9
   2. cached_speedup          a dino_lstm_init training step on cached features vs the same step running the
                              encoder on the batch's images first, one per caption (the tutorial
-                             repos' way; also reported: each distinct image once)            goal >= 30x
+                             repos' way; also reported: each distinct image once); both under
+                             the precision training uses (trainer.precision=auto)              goal >= 30x
   3. batched_beam_speedup    beam-3 per image: one image at a time / the whole batch together  goal >= 10x
   4. rss_ratio_10x           peak RSS of a training epoch over 10x the training images / over 1x
                              (feature rows are read per batch, not loaded)                      goal <= 1.3
@@ -61,6 +62,14 @@ def _overrides(root: Path, n_train: int, extra=()) -> list[str]:
             "features.num_workers=0", "logger=none", *extra]
 
 
+def _autocast(cfg, device: str = "cpu"):
+    """The autocast that training uses for this config on `device` (trainer.precision, `auto` resolved)."""
+    from captioner.config import resolve_precision
+
+    precision = resolve_precision(cfg.trainer.precision, "gpu" if device == "cuda" else device)
+    return precision, torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
 def _datamodule_and_model(model: str, root: Path, n_train: int, extra=()):
     from captioner.config import compose
     from captioner.training import build_datamodule, build_model
@@ -101,8 +110,11 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
     from captioner.encoders import FrozenEncoder
     from captioner.images import load_image
 
+    import hydra
+
     cfg, dm, model = _datamodule_and_model("dino_lstm_init", root, n_train)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
+    precision, autocast = _autocast(cfg)
     batches = [b for _, b in zip(range(steps), dm.train_dataloader())]
     records = dm.records["train"]
     row_to_record = {int(r): rec for r, rec in zip(dm._rows("train"), records)}
@@ -111,7 +123,8 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
     model.train()
 
     def train_step(features, batch):
-        loss = model.caption_loss(features, batch["captions"], batch["caption_image"])
+        with autocast:
+            loss = model.caption_loss(features, batch["captions"], batch["caption_image"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -127,7 +140,7 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
             # friendlier variant encodes each distinct image of the batch once.
             rows = b["image_rows"][b["caption_image"]] if per_caption else b["image_rows"]
             images = [load_image(row_to_record[int(r)].image) for r in rows]
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 pooled, _ = encoder(torch.stack([transform(im) for im in images]))
             train_step(pooled, {**b, "caption_image": None} if per_caption else b)  # features: one row a caption
 
@@ -135,7 +148,7 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
     steps = min(ENCODER_STEPS, len(batches))
     per_caption = _timed(lambda: encoder_epoch(True), 1) / steps
     per_image = _timed(lambda: encoder_epoch(False), 1) / steps
-    return {"cached_step_s": cached, "encoder_step_s": per_caption, "cached_speedup": per_caption / cached,
+    return {"precision": precision, "cached_step_s": cached, "encoder_step_s": per_caption, "cached_speedup": per_caption / cached,
             "encoder_distinct_images_step_s": per_image, "cached_speedup_distinct_images": per_image / cached,
             "steps_per_epoch": len(dm.train_dataloader())}
 
@@ -221,15 +234,17 @@ def rss_ratio(root: Path, n_train: int, model: str) -> dict:
 
 # -- 5 / 6 -----------------------------------------------------------------------------------------------------
 def throughput(root: Path, n_train: int, steps: int, device: str) -> dict:
-    """Training captions/s of each variant's decoder on cached features (bf16 autocast on CUDA)."""
+    """Training captions/s of each variant's decoder on cached features, in the precision training uses."""
+    import hydra
+
     out = {}
     for name in VARIANTS:
-        _, dm, model = _datamodule_and_model(name, root, n_train)
+        cfg, dm, model = _datamodule_and_model(name, root, n_train)
         model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
         batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
                    for _, b in zip(range(steps), dm.train_dataloader())]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+        _, autocast = _autocast(cfg, device)
 
         def epoch():
             for b in batches:
@@ -305,8 +320,8 @@ def main(argv=None) -> int:
         ("extraction / bare forward", "extraction_vs_forward",
          f"{results['extraction_img_s']:.1f} vs {results['forward_img_s']:.1f} img/s"),
         ("cached step vs encoder every step", "cached_speedup",
-         f"{1e3 * results['cached_step_s']:.1f} vs {1e3 * results['encoder_step_s']:.1f} ms/step (each caption's "
-         f"image; each distinct image once: {1e3 * results['encoder_distinct_images_step_s']:.1f} ms, "
+         f"{1e3 * results['cached_step_s']:.1f} vs {1e3 * results['encoder_step_s']:.1f} ms/step "
+         f"({results['precision']}; each caption's image; each distinct image once: {1e3 * results['encoder_distinct_images_step_s']:.1f} ms, "
          f"{results['cached_speedup_distinct_images']:.1f}x)"),
         ("beam-3 batched vs one at a time", "batched_beam_speedup",
          f"{results['beam3_batched_ms_per_image']:.1f} vs {results['beam3_single_ms_per_image']:.1f} ms/image (fp32; "
@@ -320,7 +335,7 @@ def main(argv=None) -> int:
         value = results[key]
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  {label:<36} {shown:>8}   {_verdict(key, value):<22} {detail}")
-    print("  training captions/s (cpu): " + ", ".join(f"{k} {v:.0f}" for k, v in results["captions_per_s"].items()))
+    print(f"  training captions/s (cpu, {results['precision']}): " + ", ".join(f"{k} {v:.0f}" for k, v in results["captions_per_s"].items()))
     if results["captions_per_s_cuda"]:
         print("  training captions/s (cuda, bf16): " + ", ".join(
             f"{k} {v:.0f}" for k, v in results["captions_per_s_cuda"].items()))

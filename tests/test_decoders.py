@@ -201,3 +201,42 @@ def test_image_index_equals_repeating_the_features(name):
     caps = torch.randint(4, 20, (6, 7))
     caps[:, 0] = 1
     torch.testing.assert_close(dec(feats, caps, index), dec(feats[index], caps))
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "lstm_init"])
+def test_cpu_bf16_autocast_runs_teacher_forcing_in_bf16_and_decoding_in_fp32(name):
+    """Under CPU bf16 autocast (trainer.precision=auto on a CPU with bf16 hardware) the teacher-forced recurrence
+    runs in bf16 (the speed-up), close to fp32; step-wise decoding keeps an fp32 recurrent state."""
+    torch.manual_seed(0)
+    dec = make(name).eval()
+    feats, caps = features(dec, 4), captions([1, 3, 6, 4], L=9)
+    seen = []
+    dec.rnn.register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))
+    with torch.no_grad():
+        reference = dec(feats, caps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = dec(feats, caps)
+            n = len(seen)
+            state = dec.init_state(feats)
+            _, state = dec.step(caps[:, 0], state)
+    assert seen[0] == torch.float32 and seen[1] == torch.bfloat16
+    assert set(seen[n:]) == {torch.float32} and state["h"].dtype == torch.float32
+    scale = reference.abs().max()
+    assert (low.float() - reference).abs().max() < 0.05 * scale
+
+
+def test_byte_dropout_rate_expectation_and_gradient():
+    from captioner.decoders.dropout import ByteDropout
+
+    torch.manual_seed(0)
+    drop = ByteDropout(0.3)
+    x = torch.full((1000, 1000), 2.0, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    rate = 1 - kept.float().mean().item()
+    assert abs(rate - round(0.3 * 256) / 256) < 3e-3  # p rounded to 1/256 (77/256 = 0.3008)
+    assert abs(y.mean().item() - 2.0) < 0.01  # kept values rescaled: the expectation is unchanged
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach() / 2.0)  # the gradient is the scaled mask itself
+    drop.eval()
+    assert drop(x) is x

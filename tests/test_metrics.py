@@ -65,3 +65,21 @@ def test_cider_rewards_consensus_and_empty_hypotheses_do_not_crash():
     assert good > 1.0 > bad["cider"]
     empty = caption_metrics(["", "", "", ""], REFS, meteor=False)
     assert empty["bleu_4"] < 1e-6 and empty["cider"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_caption_prior_picks_the_constant_caption_with_the_best_pycocoevalcap_bleu():
+    """The prior baseline scores candidates from cooked sufficient statistics; it must choose, and report, what a
+    full pycocoevalcap run per candidate would."""
+    from types import SimpleNamespace
+
+    from captioner.training import caption_prior_baseline
+
+    train = [SimpleNamespace(captions=refs) for refs in REFS * 3]
+    dm = SimpleNamespace(records={"train": train})
+    test_refs = REFS[::-1]
+    got = caption_prior_baseline(dm, [{"references": r} for r in test_refs], candidates=50)
+    pool = sorted({normalize(c) for refs in REFS for c in refs})
+    train_refs = [[normalize(c) for c in r.captions] for r in train]
+    best = max(pool, key=lambda c: caption_metrics([c] * len(train_refs), train_refs, meteor=False)["bleu_4"])
+    want = caption_metrics([best] * len(test_refs), test_refs, meteor=False)["bleu_4"]
+    assert got == pytest.approx(want, abs=1e-12) and got > 0

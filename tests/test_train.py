@@ -75,3 +75,15 @@ def test_multirun_over_the_five_variants(tmp_path):
     srcs = re.findall(r"<img [^>]*src='([^']*)'", page)
     assert len(srcs) >= 2 + 3 and all(s.startswith("data:image/") for s in srcs)  # figures + test images
     assert len(json.loads((report / "report.json").read_text())["runs"]) == 5
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import captioner.config as config
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    assert config.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    assert config.resolve_precision("auto", "cpu") == "32-true"
+    assert config.resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values pass through
+    with pytest.raises(ValueError, match="trainer.precision"):
+        config.resolve_precision("auto", "tpu")
