@@ -204,6 +204,20 @@ class Captioner(L.LightningModule):
             optimizer, warmup_cosine(total, warmup, sched.get("min_ratio", 0.05)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, also for the fused AdamW (conf/optimizer/adamw.yaml) under bf16-mixed. Lightning's
+        mixed-precision plugin refuses any fused optimizer because under fp16 such an optimizer unscales the
+        gradients itself, after clipping would have seen them scaled. Without a grad scaler (bf16, fp32) the
+        gradients are the true ones, so they are clipped here by the plugin's base implementation."""
+        from lightning.pytorch.plugins.precision import Precision
+
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and getattr(plugin, "scaler", None) is None:
+            algorithm = gradient_clip_algorithm or "norm"
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -77,3 +77,28 @@ def test_checkpoint_hyperparameters_carry_vocab_and_encoder(few_images_root):
     assert hp.encoder["input_size"] == 224 and hp.encoder["crop_pct"] == 1.0
     assert hp.decoder["name"] == "transformer" and tuple(hp.grid) == (7, 7)
     assert "optimizer" not in hp
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_gradients_are_clipped_under_lightning(precision, few_images_root):
+    """conf/optimizer/adamw.yaml's fused AdamW with trainer.gradient_clip_val: Lightning's mixed-precision plugin
+    refuses to clip for a fused optimizer; the module clips itself where no grad scaler is involved."""
+    cfg = overfit_config("dino_lstm_init", few_images_root)
+    assert cfg.optimizer.fused is True
+    dm = build_datamodule(cfg)
+    dm.progress = False
+    dm.prepare_data()
+    dm.setup("fit")
+    module = build_model(cfg, dm)
+    norms = []
+
+    class GradNorm(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # after clipping and the optimizer step
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    trainer = L.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=1e-3, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[GradNorm()])
+    trainer.fit(module, datamodule=dm)
+    assert len(norms) == 2 and max(norms) <= 1e-3 * (1 + 1e-3)
