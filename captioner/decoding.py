@@ -123,8 +123,13 @@ def beam_search(
     def penalty(n_words: int) -> float:
         return ((5.0 + n_words) / 6.0) ** length_penalty
 
-    # Row b*K + k is beam k of image b, everywhere: state, tokens, seqs.
-    state = {name: x.repeat_interleave(K, dim=0) for name, x in decoder.init_state(features).items()}
+    # Row b*K + k is beam k of live image b, everywhere: state, tokens, seqs. Live images are the ones still being
+    # searched: `alive` maps them to the batch. A finished image's answer goes to `out_*` and its rows leave every
+    # tensor, so later steps compute only the images still searching (the batch no longer runs at full size until
+    # its longest caption ends: measured 7.1 -> x ms per image on a trained checkpoint, 100 images, 2 CPU cores).
+    shared = tuple(getattr(decoder, "per_image_state", ()))  # entries kept at one row per image (not per beam)
+    state = {name: x if name.startswith(shared) and shared else x.repeat_interleave(K, dim=0)
+             for name, x in decoder.init_state(features).items()}
     constant = dict(state)  # entries still identical to these objects were never changed by a step (see below)
     tokens = torch.full((B * K,), sos_id, dtype=torch.long, device=device)
     seqs = torch.full((B * K, max_len), pad_id, dtype=torch.long, device=device)
@@ -134,25 +139,23 @@ def beam_search(
     scores[:, 0] = 0.0
     best = torch.full((B,), NEG, device=device)  # best finished hypothesis per image, length-penalised
     best_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
-    first_row = torch.arange(B, device=device)[:, None] * K  # (B, 1)
-    images = torch.arange(B, device=device)
+    alive = torch.arange(B, device=device)
+    out_best = torch.full((B,), NEG, device=device)
+    out_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
+    beams = torch.arange(K, device=device)
 
     steps = 0
     for t in range(max_len):  # t = words in each live beam before this step
+        n = len(alive)
         logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id)
         constant = {name: x for name, x in state.items() if x is constant.get(name)}
         V = logp.shape[-1]
         # All K*V continuations of an image side by side; flat index i = beam * V + word.
-        top, idx = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=1)
+        top, idx = (scores.view(n * K, 1) + logp).view(n, K * V).topk(K, dim=1)
         word = idx % V
-        src = (first_row + idx // V).view(-1)  # the row each new beam continues (integer division: `//`)
-        seqs = seqs.index_select(0, src)
+        src = torch.arange(n, device=device)[:, None] * K + idx // V  # the row each new beam continues (n, K)
+        seqs = seqs.index_select(0, src.view(-1))
         seqs[:, t] = word.view(-1)
-        # A state tensor the step handed back unchanged (the transformer's cross-attention keys/values of the
-        # image) still holds K identical copies per image, and beams only move within their image: reordering
-        # it would copy megabytes per step for nothing (it was most of batched beam search's time).
-        state = {name: x if x is constant.get(name) else _reorder(x, src) for name, x in state.items()}
-        tokens = word.view(-1)
         steps = t + 1
 
         # Candidates ending in <eos> are finished (t words); keep each image's best by the penalised score.
@@ -162,20 +165,39 @@ def beam_search(
         r_best, r_arg = ranked.max(dim=1)
         better = r_best > best  # strict: among equals the earliest (shortest) hypothesis stays
         best = torch.where(better, r_best, best)
-        best_seq = torch.where(better[:, None], seqs.view(B, K, max_len)[images, r_arg], best_seq)
+        best_seq = torch.where(better[:, None], seqs.view(n, K, max_len)[torch.arange(n, device=device), r_arg],
+                               best_seq)
         scores = top.masked_fill(ended, NEG)  # finished beams are no longer extended
 
         # Log-probabilities are <= 0, so a live beam's score only falls; the penalty divisor grows (alpha > 0)
-        # at most to penalty(max_len). Once the best finished caption beats that bound for every image, stop.
+        # at most to penalty(max_len). An image whose best finished caption beats that bound is done.
         bound = scores.max(dim=1).values / max(penalty(t + 1), penalty(max_len))
-        if bool((best >= bound).all()):
-            break
+        done = best >= bound
+        if bool(done.any()):
+            out_best[alive[done]], out_seq[alive[done]] = best[done], best_seq[done]
+            keep = (~done).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            alive, best, best_seq, scores, word, src = (x[keep] for x in (alive, best, best_seq, scores, word, src))
+            seqs = seqs.view(n, K, max_len)[keep].view(-1, max_len)
+            rows = (keep[:, None] * K + beams).view(-1)  # the kept images' rows before this step
+            constant = {name: _reorder(x, keep if shared and name.startswith(shared) else rows)
+                        for name, x in constant.items()}
+        # A state tensor the step handed back unchanged (the transformer's cross-attention keys/values of the
+        # image) still holds K identical copies per image, and beams only move within their image: reordering
+        # it would copy megabytes per step for nothing (it was most of batched beam search's time).
+        state = {name: constant[name] if name in constant else _reorder(x, src.view(-1)) for name, x in state.items()}
+        tokens = word.view(-1)
+    else:
+        # max_len reached with images still searching: their best finished caption, or where no beam ever emitted
+        # <eos> (e.g. an untrained model), the best live beam at max length.
+        live_score, live_arg = scores.max(dim=1)
+        none_finished = best == NEG
+        n = len(alive)
+        best_seq = torch.where(none_finished[:, None], seqs.view(n, K, max_len)[torch.arange(n, device=device), live_arg],
+                               best_seq)
+        best = torch.where(none_finished, live_score / penalty(steps), best)
+        out_best[alive], out_seq[alive] = best, best_seq
 
-    # Fallback where no beam ever emitted <eos> (e.g. an untrained model): the best live beam, at max length.
-    live_score, live_arg = scores.max(dim=1)
-    none_finished = best == NEG
-    best_seq = torch.where(none_finished[:, None], seqs.view(B, K, max_len)[images, live_arg], best_seq)
-    best = torch.where(none_finished, live_score / penalty(steps), best)
-
-    ids = _to_lists(best_seq, sos_id, eos_id, pad_id)
-    return (ids, best.tolist()) if return_scores else ids
+    ids = _to_lists(out_seq, sos_id, eos_id, pad_id)
+    return (ids, out_best.tolist()) if return_scores else ids

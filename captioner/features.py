@@ -353,7 +353,7 @@ def _encode_ranges(encoder: FrozenEncoder, records: Sequence[CaptionRecord], ran
         _ImageFiles([records[i].image for i in rows], encoder.transform(), encoder.spec.input_size),
         batch_size=batch_size, num_workers=num_workers, shuffle=False,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None, multiprocessing_context=worker_context(num_workers),
     )
     pending = iter(ranges)
     a, b = next(pending)
@@ -691,6 +691,15 @@ def prepare_features(
         out[split] = _open_or_build(Path(cache_dir), key, records, get_encoder, f"{dataset_id}/{split}",
                                     spatial=spatial, **extract_kwargs)
     return out
+
+
+def worker_context(num_workers: int):
+    """The platform's default multiprocessing start method for DataLoader workers, named explicitly: inside a
+    worker of a parallel sweep (hydra/launcher=parallel, joblib's loky) the inherited default is loky's own
+    context, whose processes DataLoader cannot start ("'Process' object has no attribute 'env'")."""
+    import multiprocessing
+
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0]) if num_workers > 0 else None
 
 
 def extract_features(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import resolve_device, resolve_precision
@@ -128,7 +129,10 @@ def train(cfg: DictConfig) -> float:
     model = build_model(cfg, dm)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses to start)
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = instantiate_trainer(cfg, logger=loggers or False, callbacks=callbacks)
+    log.info("precision %s, %d torch threads", trainer.precision, torch.get_num_threads())
     prepare_distributed_launch(trainer, run_dir)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -1,7 +1,7 @@
 """Where the suite stands against its limits: every figure measured side by side in one run on this machine,
 printed beside its goal and written to benchmark.json.
 
-usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--device auto|cpu|cuda]
+usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--ckpt best.ckpt] [--cuda-only]
        (make bench). --smoke: tiny sizes, every figure still produced (the test suite runs it).
 
   1. extraction_vs_forward   feature extraction img/s (decode + resize + forward + write) / bare encoder forward
@@ -16,7 +16,8 @@ usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--devic
   5. captions_per_s          training throughput of each of the five decoders on cached features; and
      demo_sweep_seconds      the wall time of the last `make demo` (read from its sweep_seconds.txt: the sweep
                              itself takes longer than this benchmark)                          goal <= 900 s
-  6. the same training figures on CUDA when a GPU is present (bf16 autocast), skipped cleanly on CPU.
+  6. on CUDA when a GPU is present: training captions/s (bf16 autocast) and batched vs one-at-a-time beam
+     (keys ending in _cuda); skipped cleanly on CPU. --cuda-only runs just these.
 
 Ratios are per-step or per-image times over the same work; absolute figures depend on the machine, printed
 with it.
@@ -154,8 +155,9 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
 
 
 # -- 3 ---------------------------------------------------------------------------------------------------------
-def batched_beam(ckpt: str | None, root: Path, n_images: int) -> dict:
-    """Beam-3 on one checkpoint: all images in one batch vs one image at a time."""
+def batched_beam(ckpt: str | None, root: Path, n_images: int, device: str = "cpu") -> dict:
+    """Beam-3 on one checkpoint: all images in one batch vs one image at a time, in fp32 and under bf16 autocast
+    (each ratio within one precision). Keys get a `_cuda` suffix on CUDA."""
     from captioner.decoding import beam_search
 
     if ckpt:
@@ -168,28 +170,35 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int) -> dict:
         _, dm, model = _datamodule_and_model("dino_attention", root, 40)
         dim, grid = dm.feature_dim, dm.grid
         source = "untrained dino_attention (no checkpoint given)"
-    model.eval()
+    model.to(device).eval()
     g = torch.Generator().manual_seed(0)
     shape = (n_images, grid[0] * grid[1], dim) if model.decoder.feature == "spatial" else (n_images, dim)
-    feats = torch.randn(shape, generator=g).abs()  # post-activation-like features
+    feats = torch.randn(shape, generator=g).abs().to(device)  # post-activation-like features
     kw = dict(beam_size=3, max_len=20, sos_id=model.vocab.sos_id, eos_id=model.vocab.eos_id,
               pad_id=model.vocab.pad_id)
-    t0 = time.perf_counter()
-    batched = beam_search(model.decoder, feats, **kw)
-    t_batched = (time.perf_counter() - t0) / n_images
-    t0 = time.perf_counter()
-    single = [beam_search(model.decoder, feats[i:i + 1], **kw)[0] for i in range(n_images)]
-    t_single = (time.perf_counter() - t0) / n_images
-    # bf16 autocast (how the attention variant is trained and validated): the batched matmuls gain, the one-image
-    # loop (Python-bound) does not, so this is compared with the fp32 one-image time.
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+
+    def ms_per_image(fn) -> float:
+        fn()  # warm-up (first calls allocate, pick kernels)
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        beam_search(model.decoder, feats, **kw)
-        t_bf16 = (time.perf_counter() - t0) / n_images
-    return {"beam_checkpoint": source, "beam3_batched_ms_per_image": 1e3 * t_batched,
-            "beam3_single_ms_per_image": 1e3 * t_single, "batched_beam_speedup": t_single / t_batched,
-            "beam3_batched_bf16_ms_per_image": 1e3 * t_bf16, "batched_bf16_beam_speedup": t_single / t_bf16,
-            "beam_same_captions": batched == single}
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t0) / n_images
+
+    out, captions = {"beam_checkpoint": source}, {}
+    for precision in ("fp32", "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            batched = ms_per_image(lambda: captions.update(batched=beam_search(model.decoder, feats, **kw)))
+            single = ms_per_image(lambda: captions.update(
+                single=[beam_search(model.decoder, feats[i:i + 1], **kw)[0] for i in range(n_images)]))
+        tag = "" if precision == "fp32" else "_bf16"
+        out.update({f"beam3{tag}_batched_ms_per_image": batched, f"beam3{tag}_single_ms_per_image": single,
+                    f"batched{tag}_beam_speedup": single / batched})
+        if precision == "fp32":
+            out["beam_same_captions"] = captions["batched"] == captions["single"]
+    return out if device == "cpu" else {f"{k}_cuda": v for k, v in out.items()}
 
 
 # -- 4 ---------------------------------------------------------------------------------------------------------
@@ -285,6 +294,8 @@ def main(argv=None) -> int:
                                    "checkpoint under multirun/, else an untrained model)")
     ap.add_argument("--root", help="where datasets and caches are built (default: a temp dir; the full run "
                                    "reuses ./data for the 3000-image shapes world)")
+    ap.add_argument("--cuda-only", action="store_true", help="only the CUDA figures (training captions/s, batched "
+                                                              "beam), e.g. on a GPU machine without the CPU budget")
     args = ap.parse_args(argv)
     smoke = args.smoke
     EVAL_IMAGES["n"] = 4 if smoke else 300
@@ -297,36 +308,58 @@ def main(argv=None) -> int:
         found = sorted(REPO.glob("multirun/*/*model-dino_attention*/checkpoints/best-*.ckpt"),
                        key=lambda p: p.stat().st_mtime)
         ckpt = str(found[-1]) if found else None
+    cuda = torch.cuda.is_available()
+    if args.cuda_only and not cuda:
+        ap.error("--cuda-only: no CUDA device here")
 
-    results: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+    results: dict = {"device": torch.cuda.get_device_name(0) if cuda else
                      f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "smoke": smoke}
     t_start = time.perf_counter()
-    results.update(extraction_vs_forward(Path(tmp.name), size["extract"], 8))
-    results.update(cached_speedup(root, size["n_train"], size["steps"]))
-    results.update(batched_beam(ckpt, root, size["beam"]))
-    results.update(rss_ratio(root, size["n_train"], "dino_attention"))
-    results["captions_per_s"] = throughput(root, size["n_train"], size["steps"], "cpu")
-    results["captions_per_s_cuda"] = (throughput(root, size["n_train"], size["steps"], "cuda")
-                                      if torch.cuda.is_available() else None)
-    results.update(demo_sweep_seconds())
+    if not args.cuda_only:
+        results.update(extraction_vs_forward(Path(tmp.name), size["extract"], 8))
+        results.update(cached_speedup(root, size["n_train"], size["steps"]))
+        results.update(batched_beam(ckpt, root, size["beam"]))
+        results.update(rss_ratio(root, size["n_train"], "dino_attention"))
+        results["captions_per_s"] = throughput(root, size["n_train"], size["steps"], "cpu")
+        results.update(demo_sweep_seconds())
+    results["captions_per_s_cuda"] = throughput(root, size["n_train"], size["steps"], "cuda") if cuda else None
+    if cuda:
+        results.update(batched_beam(ckpt, root, size["beam"], "cuda"))
     results["benchmark_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(results, indent=2))
     tmp.cleanup()
 
     print(f"device: {results['device']}, torch {results['torch']}, {results['threads']} threads"
           f"{' (smoke sizes)' if smoke else ''}")
+    if not args.cuda_only:
+        _print_cpu_rows(results)
+    if cuda:
+        print("  training captions/s (cuda, bf16): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in results["captions_per_s_cuda"].items()))
+        print(f"  beam-3 batched vs one at a time (cuda): {results['batched_beam_speedup_cuda']:.1f}x fp32 "
+              f"({results['beam3_batched_ms_per_image_cuda']:.2f} vs {results['beam3_single_ms_per_image_cuda']:.2f} "
+              f"ms/image), {results['batched_bf16_beam_speedup_cuda']:.1f}x bf16 "
+              f"({results['beam3_bf16_batched_ms_per_image_cuda']:.2f} vs "
+              f"{results['beam3_bf16_single_ms_per_image_cuda']:.2f} ms/image)")
+    else:
+        print("  CUDA: no GPU here, skipped")
+    print(f"benchmark took {results['benchmark_seconds']:.0f} s -> {args.out}")
+    return 0
+
+
+def _print_cpu_rows(results: dict) -> None:
     rows = [
         ("extraction / bare forward", "extraction_vs_forward",
          f"{results['extraction_img_s']:.1f} vs {results['forward_img_s']:.1f} img/s"),
         ("cached step vs encoder every step", "cached_speedup",
          f"{1e3 * results['cached_step_s']:.1f} vs {1e3 * results['encoder_step_s']:.1f} ms/step "
-         f"({results['precision']}; each caption's image; each distinct image once: {1e3 * results['encoder_distinct_images_step_s']:.1f} ms, "
-         f"{results['cached_speedup_distinct_images']:.1f}x)"),
+         f"({results['precision']}; each caption's image; each distinct image once: "
+         f"{1e3 * results['encoder_distinct_images_step_s']:.1f} ms, {results['cached_speedup_distinct_images']:.1f}x)"),
         ("beam-3 batched vs one at a time", "batched_beam_speedup",
          f"{results['beam3_batched_ms_per_image']:.1f} vs {results['beam3_single_ms_per_image']:.1f} ms/image (fp32; "
-         f"batched under bf16 autocast {results['beam3_batched_bf16_ms_per_image']:.1f} ms, "
-         f"{results['batched_bf16_beam_speedup']:.1f}x)"),
+         f"bf16 autocast both ways: {results['beam3_bf16_batched_ms_per_image']:.1f} vs "
+         f"{results['beam3_bf16_single_ms_per_image']:.1f} ms, {results['batched_bf16_beam_speedup']:.1f}x)"),
         ("peak RSS 10x / 1x training images", "rss_ratio_10x",
          f"{results['rss_10x_mib']:.0f} vs {results['rss_1x_mib']:.0f} MiB ({results['rss_model']})"),
         ("make demo wall time (s)", "demo_sweep_seconds", results.get("demo_sweep", "")),
@@ -335,14 +368,8 @@ def main(argv=None) -> int:
         value = results[key]
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  {label:<36} {shown:>8}   {_verdict(key, value):<22} {detail}")
-    print(f"  training captions/s (cpu, {results['precision']}): " + ", ".join(f"{k} {v:.0f}" for k, v in results["captions_per_s"].items()))
-    if results["captions_per_s_cuda"]:
-        print("  training captions/s (cuda, bf16): " + ", ".join(
-            f"{k} {v:.0f}" for k, v in results["captions_per_s_cuda"].items()))
-    else:
-        print("  CUDA: no GPU here, skipped")
-    print(f"benchmark took {results['benchmark_seconds']:.0f} s -> {args.out}")
-    return 0
+    print(f"  training captions/s (cpu, {results['precision']}): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in results["captions_per_s"].items()))
 
 
 if __name__ == "__main__":

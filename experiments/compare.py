@@ -60,6 +60,9 @@ class Run:
 
 # -- reading the sweep ------------------------------------------------------------------------------------------------
 
+VARIANT_ORDER = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
+
+
 def _job_number(path: Path) -> tuple[int, str]:
     m = re.match(r"(\d+)", path.name)  # Hydra job dirs are `<n>_<overrides>`: sort 2 before 10
     return (int(m.group(1)) if m else 1 << 30, path.name)
@@ -89,6 +92,10 @@ def find_runs(sweep_dir: Path, out_dir: Path | None = None) -> tuple[list[Run], 
         found = f"; job dirs without metrics.json: {', '.join(m['run'] for m in missing)}" if missing else ""
         raise ReportError(f"no finished run (<run>/metrics.json) under {sweep_dir}{found}. Pass the directory "
                           "of a `python train.py -m ...` sweep (multirun/<time>/) whose runs have finished.")
+    # The five variants in their numbered order (1-5), whatever order the sweep ran them in (`make demo` starts the
+    # longest first); other runs after them, in job order (a stable sort).
+    runs.sort(key=lambda r: VARIANT_ORDER.index(r.metrics.get("model")) if r.metrics.get("model") in VARIANT_ORDER
+              else len(VARIANT_ORDER))
     _label_runs(runs)
     return runs, missing
 

@@ -240,3 +240,24 @@ def test_byte_dropout_rate_expectation_and_gradient():
     torch.testing.assert_close(x.grad, y.detach() / 2.0)  # the gradient is the scaled mask itself
     drop.eval()
     assert drop(x) is x
+
+
+def test_transformer_beams_share_one_copy_of_the_image_keys_values():
+    """Beam search keeps cross-attention keys/values at one row per image (per_image_state); a step over G rows per
+    image must equal the step over G explicit copies, attention weights included."""
+    torch.manual_seed(0)
+    dec = make("transformer").eval()
+    feats, G = features(dec, 3), 4
+    tokens = torch.randint(4, V, (3 * G,))
+    with torch.no_grad():
+        shared = dec.init_state(feats)
+        expanded = {n: x.repeat_interleave(G, 0) for n, x in shared.items()}
+        grouped = {n: (x if n.startswith(dec.per_image_state) else x.repeat_interleave(G, 0))
+                   for n, x in shared.items()}
+        assert grouped["cross_k.0"].shape[0] == 3 and grouped["self_k.0"].shape[0] == 3 * G
+        for _ in range(3):  # a few steps, so the self-attention cache grows as well
+            a, expanded, att_a = dec.step(tokens, expanded, return_attention=True)
+            b, grouped, att_b = dec.step(tokens, grouped, return_attention=True)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            torch.testing.assert_close(att_a, att_b, rtol=0, atol=1e-6)
+            tokens = a.argmax(-1)

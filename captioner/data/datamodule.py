@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..encoders import EncoderSpec
-from ..features import ExtractionGroup, FeatureCache, prepare_features
+from ..features import ExtractionGroup, FeatureCache, prepare_features, worker_context
 from . import dataset_id, load_dataset
 from .records import SPLITS, CaptionDataset, CaptionRecord
 from .vocabulary import Vocabulary, encode_captions, normalize, tokenize
@@ -330,9 +330,11 @@ class CaptionDataModule(L.LightningDataModule):
                                          seed=self.seed, drop_last=False)
             return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler,
                               num_workers=self.num_workers, collate_fn=_batch_identity,
-                              persistent_workers=self.num_workers > 0)
+                              persistent_workers=self.num_workers > 0,
+                              multiprocessing_context=worker_context(self.num_workers))
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_batch_identity, persistent_workers=self.num_workers > 0)
+                          collate_fn=_batch_identity, persistent_workers=self.num_workers > 0,
+                          multiprocessing_context=worker_context(self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
         if not self.group_by_image:
@@ -341,7 +343,8 @@ class CaptionDataModule(L.LightningDataModule):
         world, rank = self._replicas()
         sampler = ImageGroupedBatches(pairs.rows, self.batch_size, self.seed, num_replicas=world, rank=rank)
         return DataLoader(pairs, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_batch_identity,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          multiprocessing_context=worker_context(self.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

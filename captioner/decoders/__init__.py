@@ -12,6 +12,8 @@ and implements one interface, which is all that training and `captioner.decoding
                                       decoding of the teacher tokens reproduces `forward`; an entry that
                                       never changes (per-image keys/values) may be handed back as the same
                                       object, and is then never reordered (it is never modified in place)
+  per_image_state: tuple[str, ...]    optional: name prefixes of state entries that keep one row per image
+                                      while the others hold G rows (beams) per image; `step` must accept that
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Attention is written out (rather than nn.MultiheadAttention) so that step-wise d
 return the last layer's cross-attention weights for visualisation. Step state, all batch-first so that generic
 beam search can reorder it:
   tokens           (B, t)          the words fed so far (its length is the next position)
-  cross_k.i/v.i    (B, heads, T, dh)  layer i's keys/values of the memory, projected once in `init_state`
+  cross_k.i/v.i    (B, heads, T, dh)  layer i's keys/values of the memory, projected once in `init_state`; one
+                                   row per image even when the other entries hold G beams per image
   self_k.i/v.i     (B, heads, t, dh)  layer i's self-attention keys/values of the prefix (KV cache)
 """
 
@@ -63,8 +64,27 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, k: Tensor, v: Tensor, causal: bool = False, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """x (B, n, d), k/v (B, heads, m, dh) -> (B, n, d), and the weights (B, heads, n, m) if asked for."""
+        """x (N, n, d), k/v (B, heads, m, dh) -> (N, n, d), and the weights (N, heads, n, m) if asked for.
+
+        N = G*B: keys/values shared by G consecutive rows of x (the G beams of one image in beam search) are kept
+        once; those rows' queries are stacked against them, G*n queries per image (measured: beam-3 of 100
+        images spent a quarter of its time in cross-attention over K identical copies)."""
         q = _split_heads(self.q(x), self.num_heads)
+        N, h, n, dh = q.shape
+        B = k.shape[0]
+        groups = N // B
+        if groups * B != N or (groups > 1 and causal):
+            raise ValueError(f"{N} query rows cannot share keys/values of {B} rows" + (" causally" if causal else ""))
+        if groups > 1:
+            q = q.view(B, groups, h, n, dh).transpose(1, 2).reshape(B, h, groups * n, dh)
+        y, att = self._attend(q, k, v, causal, need_weights)
+        if groups > 1:
+            y = y.view(B, h, groups, n, dh).transpose(1, 2).reshape(N, h, n, dh)
+            if att is not None:
+                att = att.view(B, h, groups, n, -1).transpose(1, 2).reshape(N, h, n, -1)
+        return self.resid_drop(self.out(_merge_heads(y))), att
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, need_weights: bool):
         p = self.dropout if self.training else 0.0
         if need_weights or (p > 0 and q.device.type == "cpu"):
             # The explicit form: SDPA never materialises the weights, which are wanted when visualising a decoded
@@ -80,7 +100,7 @@ class Attention(nn.Module):
             att = att if need_weights else None
         else:
             y, att = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal), None
-        return self.resid_drop(self.out(_merge_heads(y))), att
+        return y, att
 
 
 class MLP(nn.Sequential):
@@ -135,6 +155,9 @@ class DecoderBlock(nn.Module):
 
 class TransformerDecoder(nn.Module):
     feature = "spatial"  # features are (B, T, D), T = h*w tokens of a row-major grid
+    # State entries with one row per image, shared by all of its beams (see Attention.forward): beam search
+    # neither expands nor reorders them.
+    per_image_state = ("cross_k.", "cross_v.")
 
     def __init__(
         self,
