@@ -52,8 +52,9 @@ def test_single_run_writes_everything_into_its_run_dir(tmp_path):
 def test_multirun_over_the_five_variants(tmp_path):
     models = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
     sweep = tmp_path / "sweep"
-    r = run_train("-m", f"model={','.join(models)}", *TINY, "metrics.meteor=false", f"hydra.sweep.dir={sweep}",
-                  "logger=wandb", root=tmp_path, timeout=900, wandb_mode="offline")
+    # as `make demo` runs it: two jobs side by side (hydra/launcher=parallel), the longest first
+    r = run_train("-m", "hydra/launcher=parallel", f"model={','.join(models[::-1])}", *TINY, "metrics.meteor=false",
+                  f"hydra.sweep.dir={sweep}", "logger=wandb", root=tmp_path, timeout=900, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     found = {json.loads(p.read_text())["model"]: p for p in sweep.glob("*/metrics.json")}
     assert set(found) == set(models)
@@ -70,6 +71,8 @@ def test_multirun_over_the_five_variants(tmp_path):
     report = sweep / "report"
     md = (report / "report.md").read_text()
     assert all(f"| {m} |" in md for m in models) and "| best | best |" in md
+    rows = [md.index(f"| {m} |") for m in models]
+    assert rows == sorted(rows)  # the report lists the variants by number, not in the sweep's order
     assert (report / "loss_curves.png").stat().st_size > 0 and (report / "bleu_curves.png").stat().st_size > 0
     page = (report / "report.html").read_text()
     srcs = re.findall(r"<img [^>]*src='([^']*)'", page)
