@@ -125,8 +125,8 @@ def beam_search(
 
     # Row b*K + k is beam k of live image b, everywhere: state, tokens, seqs. Live images are the ones still being
     # searched: `alive` maps them to the batch. A finished image's answer goes to `out_*` and its rows leave every
-    # tensor, so later steps compute only the images still searching (the batch no longer runs at full size until
-    # its longest caption ends: measured 7.1 -> x ms per image on a trained checkpoint, 100 images, 2 CPU cores).
+    # tensor, so later steps compute only the images still searching instead of the whole batch until its longest
+    # caption ends (the gain grows with the spread of caption lengths in the batch).
     shared = tuple(getattr(decoder, "per_image_state", ()))  # entries kept at one row per image (not per beam)
     state = {name: x if name.startswith(shared) and shared else x.repeat_interleave(K, dim=0)
              for name, x in decoder.init_state(features).items()}
@@ -183,9 +183,10 @@ def beam_search(
             rows = (keep[:, None] * K + beams).view(-1)  # the kept images' rows before this step
             constant = {name: _reorder(x, keep if shared and name.startswith(shared) else rows)
                         for name, x in constant.items()}
-        # A state tensor the step handed back unchanged (the transformer's cross-attention keys/values of the
-        # image) still holds K identical copies per image, and beams only move within their image: reordering
-        # it would copy megabytes per step for nothing (it was most of batched beam search's time).
+        # A state tensor the step handed back unchanged holds the same values for every beam of an image (the
+        # transformer's per-image cross-attention keys/values; K identical copies for a decoder without
+        # `per_image_state`), and beams only move within their image: reordering it would copy megabytes per step
+        # for nothing (it was most of batched beam search's time).
         state = {name: constant[name] if name in constant else _reorder(x, src.view(-1)) for name, x in state.items()}
         tokens = word.view(-1)
     else:
@@ -194,8 +195,8 @@ def beam_search(
         live_score, live_arg = scores.max(dim=1)
         none_finished = best == NEG
         n = len(alive)
-        best_seq = torch.where(none_finished[:, None], seqs.view(n, K, max_len)[torch.arange(n, device=device), live_arg],
-                               best_seq)
+        live_seq = seqs.view(n, K, max_len)[torch.arange(n, device=device), live_arg]
+        best_seq = torch.where(none_finished[:, None], live_seq, best_seq)
         best = torch.where(none_finished, live_score / penalty(steps), best)
         out_best[alive], out_seq[alive] = best, best_seq
 
