@@ -152,8 +152,8 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
     per_caption = _timed(lambda: encoder_epoch(True), 1) / steps
     per_image = _timed(lambda: encoder_epoch(False), 1) / steps
     return {"precision": precision, "cached_step_s": cached, "encoder_step_s": per_caption,
-            "cached_speedup": per_caption / cached, "encoder_distinct_images_step_s": per_image, "cached_speedup_distinct_images": per_image / cached,
-            "steps_per_epoch": len(dm.train_dataloader())}
+            "cached_speedup": per_caption / cached, "encoder_distinct_images_step_s": per_image,
+            "cached_speedup_distinct_images": per_image / cached, "steps_per_epoch": len(dm.train_dataloader())}
 
 
 # -- 3 ---------------------------------------------------------------------------------------------------------
@@ -180,14 +180,12 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int, device: str = "cpu
               pad_id=model.vocab.pad_id)
 
     def ms_per_image(fn) -> float:
-        fn()  # warm-up (first calls allocate, pick kernels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return 1e3 * (time.perf_counter() - t0) / n_images
+        def synced():  # CUDA runs asynchronously: a call is over when the device is done
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return 1e3 * _timed(synced, 1) / n_images
 
     out, captions = {"beam_checkpoint": source}, {}
     for precision in ("fp32", "bf16"):
@@ -202,8 +200,8 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int, device: str = "cpu
             out["beam_same_captions"] = captions["batched"] == captions["single"]
     # The headline: each way at its faster precision. Batched decoding gains from bf16 (AMX matmuls); the
     # one-image loop is bound by per-op overhead, which autocast only adds to.
-    out["beam3_batched_ms_per_image"] = min(out["beam3_fp32_batched_ms_per_image"], out["beam3_bf16_batched_ms_per_image"])
-    out["beam3_single_ms_per_image"] = min(out["beam3_fp32_single_ms_per_image"], out["beam3_bf16_single_ms_per_image"])
+    for way in ("batched", "single"):
+        out[f"beam3_{way}_ms_per_image"] = min(out[f"beam3_{p}_{way}_ms_per_image"] for p in ("fp32", "bf16"))
     out["batched_beam_speedup"] = out["beam3_single_ms_per_image"] / out["beam3_batched_ms_per_image"]
     return out if device == "cpu" else {f"{k}_cuda": v for k, v in out.items()}
 
