@@ -7,6 +7,7 @@ as training, so `data=... encoder=...` overrides mean the same thing everywhere.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,22 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def resolve_extraction_workers(setting: int | str, device: str) -> int:
+    """`features.num_workers=auto` -> how many processes decode and resize images beside the encoder forward.
+
+    On a GPU the forward is fast and decoding is the bottleneck: up to 8 workers, leaving a core for the main
+    process. On CPU the workers compete with the forward's own threads: only cores torch leaves idle are worth a
+    worker. Measured on 2 cores (EfficientNet-Lite0, batch 8): extraction ran at 0.87-0.90 of the bare forward's
+    speed with 1 worker and 0.94-0.95 with none (decode + resize is ~1.7 ms an image, the forward ~20 ms, and a
+    worker preempting one of the forward's 2 threads stalls both)."""
+    if str(setting) != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device == "cuda":
+        return min(8, max(1, cores - 1))
+    return min(4, max(0, cores - torch.get_num_threads()))
 
 
 def cpu_has_bf16() -> bool:

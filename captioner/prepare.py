@@ -14,7 +14,7 @@ import time
 
 from omegaconf import DictConfig
 
-from .config import command_main, resolve_device
+from .config import command_main, resolve_device, resolve_extraction_workers
 from .data import SPLITS, dataset_id, load_dataset
 from .encoders import EncoderSpec
 from .features import SOLO, ExtractionGroup, prepare_features
@@ -54,7 +54,7 @@ def prepare(cfg: DictConfig) -> int:
     caches = prepare_features(
         {s: dataset.split(s) for s in SPLITS}, spec, cfg.paths.cache_dir, dataset_id(dataset),
         spatial=cfg.features.kind == "spatial", batch_size=cfg.features.batch_size,
-        num_workers=cfg.features.num_workers, device=device, group=group)
+        num_workers=resolve_extraction_workers(cfg.features.num_workers, device), device=device, group=group)
     if group.rank != 0:
         return 0
     total = 0

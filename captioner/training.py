@@ -18,8 +18,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import resolve_device, resolve_precision
+from .config import resolve_device, resolve_extraction_workers, resolve_precision
 from .data.datamodule import CaptionDataModule
+from .memory import keep_freed_memory
 from .models import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,17 @@ def check_config(cfg: DictConfig) -> None:
 
 def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
     """The DataModule of a composed config (`vocab`: a checkpoint's, instead of building one from train)."""
+    device = resolve_device(cfg.features.device)
     return CaptionDataModule(
         data=OmegaConf.to_container(cfg.data, resolve=True),
         encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
         cache_dir=cfg.paths.cache_dir, feature=cfg.decoder.feature,
         batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
         num_workers=cfg.loader.num_workers, min_word_count=cfg.text.min_word_count, max_length=cfg.text.max_length,
-        extraction={"batch_size": cfg.features.batch_size, "num_workers": cfg.features.num_workers,
-                    "device": resolve_device(cfg.features.device)},
-        vocab=vocab, group_by_image=cfg.loader.group_by_image, seed=cfg.seed, test_split=cfg.get("split", "test"))
+        extraction={"batch_size": cfg.features.batch_size, "device": device,
+                    "num_workers": resolve_extraction_workers(cfg.features.num_workers, device)},
+        vocab=vocab, group_by_image=cfg.loader.group_by_image,
+        group_by_length=cfg.loader.group_by_length, seed=cfg.seed, test_split=cfg.get("split", "test"))
 
 
 def build_model(cfg: DictConfig, dm: CaptionDataModule):
@@ -71,7 +74,7 @@ def instantiate_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     return hydra.utils.instantiate(cfg.trainer, precision=precision, **kwargs, **DATA_SHARDING)
 
 
-# The DataModule shards its loaders itself under DDP (ImageGroupedBatches cannot take a sampler injected by
+# The DataModule shards its loaders itself under DDP (GroupedBatches cannot take a sampler injected by
 # Lightning, and its own padding of val/test is undone by the model): never let Lightning replace the samplers.
 DATA_SHARDING = {"use_distributed_sampler": False}
 
@@ -117,6 +120,7 @@ def _instantiate_all(node) -> list:
 
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
+    keep_freed_memory()  # no page faults for the same activations every step (captioner/memory.py)
     run_dir = run_directory(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if "offline" in str(cfg.run_name):

@@ -87,6 +87,7 @@ def _datamodule_and_model(model: str, root: Path, n_train: int, extra=()):
 
 # -- 1 ---------------------------------------------------------------------------------------------------------
 def extraction_vs_forward(root: Path, images: int, batch_size: int) -> dict:
+    from captioner.config import resolve_extraction_workers
     from captioner.data.shapes import build_shapes
     from captioner.encoders import EncoderSpec, FrozenEncoder
     from captioner.features import extract_features
@@ -94,18 +95,27 @@ def extraction_vs_forward(root: Path, images: int, batch_size: int) -> dict:
     records = build_shapes(root / "extract", num_train=images, num_val=1, num_test=1, progress=False).split("train")
     encoder = FrozenEncoder(EncoderSpec(name="efficientnet_lite0", weights="package"))
     x = torch.randn(batch_size, 3, 224, 224)
-    with torch.inference_mode():
-        per_batch = _timed(lambda: encoder(x), max(1, images // batch_size))
-    forward_ips = batch_size / per_batch
+
+    def forward_s_per_batch() -> float:
+        with torch.inference_mode():
+            return _timed(lambda: encoder(x), max(1, images // batch_size // 2))
+
+    workers = resolve_extraction_workers("auto", "cpu")  # the default, features.num_workers=auto
+    # The bare forward is timed just before and just after the extraction, half the images each: this host's speed
+    # drifts by up to 30 % over minutes, and one forward timing taken before the extraction moved the ratio by as
+    # much (0.76-1.14 on the same code).
+    before = forward_s_per_batch()
     t0 = time.perf_counter()
     extract_features(encoder, records, root / "extract-cache", "bench", "train", batch_size=batch_size,
-                     num_workers=1, progress=False)
+                     num_workers=workers, progress=False)
     extract_ips = len(records) / (time.perf_counter() - t0)
-    return {"forward_img_s": forward_ips, "extraction_img_s": extract_ips, "extraction_vs_forward": extract_ips / forward_ips}
+    forward_ips = batch_size / ((before + forward_s_per_batch()) / 2)
+    return {"forward_img_s": forward_ips, "extraction_img_s": extract_ips, "extraction_workers": workers,
+            "extraction_vs_forward": extract_ips / forward_ips}
 
 
 # -- 2 ---------------------------------------------------------------------------------------------------------
-ENCODER_STEPS = 8  # steps timed with the encoder in the loop (each costs seconds on CPU)
+ENCODER_STEPS = 8  # batches timed (with the encoder in the loop each step costs about a second on CPU)
 
 
 def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
@@ -118,7 +128,8 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
     cfg, dm, model = _datamodule_and_model("dino_lstm_init", root, n_train)
     optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameters())
     precision, autocast = _autocast(cfg)
-    batches = [b for _, b in zip(range(steps), dm.train_dataloader())]
+    # the same batches on both sides: with loader.group_by_length their lengths, and so their step times, differ
+    batches = [b for _, b in zip(range(min(steps, ENCODER_STEPS)), dm.train_dataloader())]
     records = dm.records["train"]
     row_to_record = {int(r): rec for r, rec in zip(dm._rows("train"), records)}
     encoder = FrozenEncoder(dm.encoder_spec)
@@ -137,7 +148,7 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
             train_step(b["features"], b)
 
     def encoder_epoch(per_caption: bool):
-        for b in batches[:ENCODER_STEPS]:
+        for b in batches:
             # the batch's images decoded, transformed and encoded now. The tutorial repos' way (per_caption): their
             # dataset yields (image, caption) pairs, so every caption's image goes through the encoder; the
             # friendlier variant encodes each distinct image of the batch once.
@@ -147,10 +158,11 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
                 pooled, _ = encoder(torch.stack([transform(im) for im in images]))
             train_step(pooled, {**b, "caption_image": None} if per_caption else b)  # features: one row a caption
 
-    cached = _timed(cached_epoch, 2) / len(batches)
-    steps = min(ENCODER_STEPS, len(batches))
-    per_caption = _timed(lambda: encoder_epoch(True), 1) / steps
-    per_image = _timed(lambda: encoder_epoch(False), 1) / steps
+    # cached steps timed before and after the encoder ones (this host's speed drifts over minutes)
+    cached_before = _timed(cached_epoch, 3)
+    per_caption = _timed(lambda: encoder_epoch(True), 1) / len(batches)
+    cached = (cached_before + _timed(cached_epoch, 3)) / 2 / len(batches)
+    per_image = _timed(lambda: encoder_epoch(False), 1) / len(batches)
     return {"precision": precision, "cached_step_s": cached, "encoder_step_s": per_caption,
             "cached_speedup": per_caption / cached, "encoder_distinct_images_step_s": per_image,
             "cached_speedup_distinct_images": per_image / cached, "steps_per_epoch": len(dm.train_dataloader())}
@@ -216,6 +228,8 @@ def peak_kib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 sys.path.insert(0, sys.argv[1])
+from captioner.memory import keep_freed_memory
+keep_freed_memory()  # as training does
 from captioner.config import compose
 from captioner.training import build_datamodule, build_model
 import torch
@@ -302,6 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-only", action="store_true", help="only the CUDA figures (training captions/s, batched "
                                                               "beam), e.g. on a GPU machine without the CPU budget")
     args = ap.parse_args(argv)
+    from captioner.memory import keep_freed_memory
+
+    keep_freed_memory()  # as training does (train() calls it): both sides of every ratio run with it
     smoke = args.smoke
     EVAL_IMAGES["n"] = 4 if smoke else 300
     size = dict(extract=16 if smoke else 400, n_train=20 if smoke else 300, steps=3 if smoke else 30,
@@ -356,7 +373,8 @@ def main(argv=None) -> int:
 def _print_cpu_rows(results: dict) -> None:
     rows = [
         ("extraction / bare forward", "extraction_vs_forward",
-         f"{results['extraction_img_s']:.1f} vs {results['forward_img_s']:.1f} img/s"),
+         f"{results['extraction_img_s']:.1f} vs {results['forward_img_s']:.1f} img/s "
+         f"({results['extraction_workers']} decode workers: features.num_workers=auto)"),
         ("cached step vs encoder every step", "cached_speedup",
          f"{1e3 * results['cached_step_s']:.1f} vs {1e3 * results['encoder_step_s']:.1f} ms/step "
          f"({results['precision']}; each caption's image; each distinct image once: "

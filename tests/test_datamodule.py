@@ -57,11 +57,11 @@ def test_vocabulary_comes_from_train_split_only(tiny_shapes, tmp_path):
 
 
 def test_grouped_batches_hold_whole_images_and_every_caption_once(tiny_shapes, tmp_path):
-    from captioner.data.datamodule import ImageGroupedBatches
+    from captioner.data.datamodule import GroupedBatches
 
     dm = make(tiny_shapes, tmp_path)
     pairs = dm.splits["train"]
-    sampler = ImageGroupedBatches(pairs.rows, batch_size=16, seed=0)
+    sampler = GroupedBatches(pairs.rows, batch_size=16, seed=0)
     first = list(sampler)
     flat = [i for b in first for i in b]
     assert sorted(flat) == list(range(len(pairs)))  # every caption exactly once per epoch
@@ -73,3 +73,33 @@ def test_grouped_batches_hold_whole_images_and_every_caption_once(tiny_shapes, t
     batch = pairs.__getitems__(first[0])
     assert batch["features"].shape[0] == len(set(pairs.rows[first[0]].tolist()))  # each image's features once
     assert batch["caption_image"].max() == batch["features"].shape[0] - 1
+
+
+def _padding(batches, lengths) -> float:
+    """Share of a padded epoch's tokens that are padding (each batch padded to its longest caption)."""
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    return 1 - sum(lengths[b].sum() for b in batches) / padded
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_caption_and_whole_images():
+    from captioner.data.datamodule import GroupedBatches
+
+    rng = np.random.default_rng(0)
+    pair_rows = np.repeat(rng.permutation(400), 5)  # 400 images, 5 captions each, in no particular order
+    lengths = np.clip(rng.integers(8, 24, 400)[pair_rows] + rng.integers(-3, 4, pair_rows.size), 3, 30)
+    plain = list(GroupedBatches(pair_rows, 64, seed=0))
+    grouped_sampler = GroupedBatches(pair_rows, 64, seed=0, lengths=lengths)
+    grouped = list(grouped_sampler)
+    assert sorted(i for b in grouped for i in b) == list(range(pair_rows.size))  # every caption once
+    for b in grouped:  # still whole images
+        images, counts = np.unique(pair_rows[b], return_counts=True)
+        assert (counts == 5).all()
+    assert _padding(grouped, lengths) < 0.5 * _padding(plain, lengths)
+    longest = [lengths[b].max() for b in grouped]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order is shuffled
+    assert [i for b in grouped_sampler for i in b] != [i for b in grouped for i in b]  # a new draw each epoch
+    # single captions (loader.group_by_image=false): batches of exactly batch_size, almost no padding
+    singles = list(GroupedBatches(pair_rows, 64, seed=0, lengths=lengths, by_image=False))
+    assert sorted(i for b in singles for i in b) == list(range(pair_rows.size))
+    assert sorted(len(b) for b in singles)[1:] == [64] * (len(singles) - 1)
+    assert _padding(singles, lengths) < _padding(grouped, lengths)

@@ -90,3 +90,20 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert config.resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values pass through
     with pytest.raises(ValueError, match="trainer.precision"):
         config.resolve_precision("auto", "tpu")
+
+
+def test_extraction_workers_auto_uses_only_idle_cores(monkeypatch):
+    import captioner.config as config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(config.torch, "get_num_threads", lambda: 16)
+    assert config.resolve_extraction_workers("auto", "cpu") == 0  # every core runs the forward's threads
+    monkeypatch.setattr(config.torch, "get_num_threads", lambda: 14)
+    assert config.resolve_extraction_workers("auto", "cpu") == 2
+    monkeypatch.setattr(config.torch, "get_num_threads", lambda: 1)
+    assert config.resolve_extraction_workers("auto", "cpu") == 4  # capped: decoding is ~10x cheaper than a forward
+    assert config.resolve_extraction_workers("auto", "cuda") == 8
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0})
+    assert config.resolve_extraction_workers("auto", "cuda") == 1
+    assert config.resolve_extraction_workers(3, "cpu") == 3  # an explicit count passes through
+    assert config.compose([]).features.num_workers == "auto"

@@ -105,7 +105,7 @@ class CaptionPairs(_RowBatches):
 
     A batch carries each distinct image's features once (`features`, (U, ...)) and `caption_image` (B,) maps each
     caption to its image, so a decoder with an expensive image encoder (the transformer) encodes an image once
-    however many of its captions are in the batch; `ImageGroupedBatches` puts all captions of an image together.
+    however many of its captions are in the batch; `GroupedBatches` puts all captions of an image together.
     """
 
     def __init__(self, features: _FeatureRows, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -124,38 +124,59 @@ class CaptionPairs(_RowBatches):
         }
 
 
-class ImageGroupedBatches(Sampler[list[int]]):
-    """Shuffled batches of about `batch_size` captions made of whole images (all captions of an image together,
-    as ImageCaptioning.pytorch's seq_per_img). Every caption is still seen exactly once per epoch; the image
-    encoder of an attention decoder then runs once per image instead of once per caption (≈5x less work).
+class GroupedBatches(Sampler[list[int]]):
+    """Shuffled training batches of about `batch_size` captions, each made of whole groups, every caption once an
+    epoch. A group is an image's captions (`by_image`, as ImageCaptioning.pytorch's seq_per_img: the image encoder
+    of an attention decoder then runs once per image instead of once per caption, ≈5x less work) or one caption.
+
+    With `lengths` (tokens of each caption), batches are also grouped by length, as Hugging Face's
+    `group_by_length` and fairseq's buckets: the shuffled groups are cut into pools of `pool` batches, each pool is
+    sorted by its groups' longest caption, cut into batches, and the batches of the epoch are shuffled again. A
+    batch is padded to its longest caption, so this cuts the padding; on the shapes world (captions of 8-30 tokens)
+    from 39 % to 13 % of a batch's tokens with whole images, to ~2 % with single captions; the captions of an
+    image tend to be of similar length.
 
     Under DDP (`num_replicas` > 1) every rank draws the same shuffled batches (same seed and epoch) and takes every
     `num_replicas`-th one, from `rank` on; the list is first padded with its own first batches to a multiple of
     `num_replicas`, so all ranks run the same number of steps (DDP's gradient all-reduce needs that)."""
 
     def __init__(self, pair_rows: np.ndarray, batch_size: int, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+                 rank: int = 0, lengths: np.ndarray | None = None, by_image: bool = True, pool: int = 50) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.epoch, self.pool = batch_size, seed, 0, pool
         self.num_replicas, self.rank = num_replicas, rank
-        order = np.argsort(pair_rows, kind="stable")
-        bounds = np.flatnonzero(np.diff(pair_rows[order])) + 1
-        self.groups = np.split(order, bounds)
+        if by_image:
+            order = np.argsort(pair_rows, kind="stable")
+            self.groups = np.split(order, np.flatnonzero(np.diff(pair_rows[order])) + 1)
+        else:
+            self.groups = [np.array([i]) for i in range(len(pair_rows))]
+        self.group_lengths = None if lengths is None else np.array([lengths[g].max() for g in self.groups])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _group_order(self, rng: np.random.Generator) -> np.ndarray:
+        order = rng.permutation(len(self.groups))
+        if self.group_lengths is None:
+            return order
+        per_pool = max(1, round(self.pool * self.batch_size * len(self.groups) / sum(map(len, self.groups))))
+        pools = [order[i:i + per_pool] for i in range(0, len(order), per_pool)]
+        # stable sort, longest first: ties keep their shuffled order
+        return np.concatenate([p[np.argsort(-self.group_lengths[p], kind="stable")] for p in pools])
+
     def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         batches, current = [], []
-        for g in rng.permutation(len(self.groups)):
+        for g in self._group_order(rng):
             current.extend(self.groups[g].tolist())
             if len(current) >= self.batch_size:
                 batches.append(current)
                 current = []
         if current:
             batches.append(current)
+        if self.group_lengths is not None:  # long and short batches take turns through the epoch
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.num_replicas > 1:
             padding = -len(batches) % self.num_replicas
             batches = (batches + batches[:padding])[self.rank::self.num_replicas]
@@ -211,6 +232,7 @@ class CaptionDataModule(L.LightningDataModule):
         vocab: Vocabulary | None = None,
         progress: bool = True,
         group_by_image: bool = True,
+        group_by_length: bool = True,
         seed: int = 0,
         test_split: str = "test",
     ) -> None:
@@ -223,7 +245,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.min_word_count, self.max_length = min_word_count, max_length
         self.extraction = dict(extraction or {})
         self.vocab, self.progress = vocab, progress
-        self.group_by_image, self.seed = group_by_image, seed
+        self.group_by_image, self.group_by_length, self.seed = group_by_image, group_by_length, seed
         if test_split not in ("val", "test"):
             raise ValueError(f"test_split must be 'val' or 'test' (config key split), got '{test_split}'")
         self.test_split = test_split  # what `trainer.test` evaluates (eval.py can point it at val)
@@ -311,7 +333,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
     # Under DDP the loaders shard the data themselves (the trainer runs with use_distributed_sampler=False, since
-    # Lightning cannot inject a sampler into ImageGroupedBatches): training batches by ImageGroupedBatches' rank
+    # Lightning cannot inject a sampler into GroupedBatches): training batches by GroupedBatches' rank
     # slice, or a shuffled DistributedSampler; val/test by a DistributedSampler that pads the last shard with
     # repeated images, which the model drops again after gathering the outputs of all ranks.
     def _replicas(self) -> tuple[int, int]:
@@ -337,11 +359,12 @@ class CaptionDataModule(L.LightningDataModule):
                           multiprocessing_context=worker_context(self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
-        if not self.group_by_image:
+        if not (self.group_by_image or self.group_by_length):
             return self._loader("train", self.batch_size, shuffle=True)
         pairs = self.splits["train"]
         world, rank = self._replicas()
-        sampler = ImageGroupedBatches(pairs.rows, self.batch_size, self.seed, num_replicas=world, rank=rank)
+        sampler = GroupedBatches(pairs.rows, self.batch_size, self.seed, num_replicas=world, rank=rank,
+                                 lengths=pairs.lengths if self.group_by_length else None, by_image=self.group_by_image)
         return DataLoader(pairs, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_batch_identity,
                           persistent_workers=self.num_workers > 0,
                           multiprocessing_context=worker_context(self.num_workers))

@@ -64,9 +64,13 @@ class _RecurrentDecoder(nn.Module):
         position never sees later (padded) inputs. With `image_index` (B,), features hold U distinct images and
         caption b belongs to image image_index[b].
         """
-        if image_index is not None:
-            features = features.index_select(0, image_index)
+        # Each distinct image is projected once, then copied to its captions: the projections are row-wise, so this
+        # is the same as projecting every caption's copy, with a 5x smaller matmul (dino_lstm_init's two
+        # 1280 -> 512 projections and their gradients: about 2 ms of a 65 ms CPU step).
         image_step, hx = self.encode(features)
+        if image_index is not None:
+            image_step = None if image_step is None else image_step.index_select(0, image_index)
+            hx = None if hx is None else self._select(hx, image_index)
         x = self.embed(captions[:, :-1])
         if image_step is not None:
             x = torch.cat([image_step, x], dim=1)
@@ -101,6 +105,13 @@ class _RecurrentDecoder(nn.Module):
             return self.rnn(x.to(dtype), hx)
 
     # -- batch-first state <-> PyTorch's (num_layers, B, H) ---------------------------------------------------
+
+    @staticmethod
+    def _select(hx: Hidden, index: Tensor) -> Hidden:
+        """The rows `index` of PyTorch-layout hidden state(s) (num_layers, B, H)."""
+        if isinstance(hx, tuple):
+            return tuple(h.index_select(1, index) for h in hx)
+        return hx.index_select(1, index)
 
     @staticmethod
     def _to_state(hx: Hidden) -> dict[str, Tensor]:
