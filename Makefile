@@ -45,7 +45,7 @@ VARIANTS := resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
 # beats one two-thread job after the other (the transformer gains only 1.16x from a second thread).
 DEMO_ORDER := dino_attention,dino_lstm_init,dino_lstm,dino_rnn,resnet_rnn
 
-demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈15 min, 2 CPU cores)
+demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈10 min, 2 CPU cores)
 	@d=multirun/demo-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
 	$(PY) train.py -m hydra/launcher=parallel model=$(DEMO_ORDER) hydra.sweep.dir=$$d && \
 	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \

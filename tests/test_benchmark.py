@@ -26,6 +26,8 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
         assert key.split("_")[0] in r.stdout or key in r.stdout or "goal" in r.stdout
     assert b["batched_fp32_beam_speedup"] > 0 and b["batched_bf16_beam_speedup"] > 0  # same-precision ratios
     assert b["beam_same_captions"] is True  # batched and one-at-a-time beam search agree
+    assert b["beam_features"].startswith("the first 4 test images")  # decoded on real test-image features
+    assert b["extraction_workers"] >= 0
     assert set(b["captions_per_s"]) == {"resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"}
     assert all(v > 0 for v in b["captions_per_s"].values())
     assert "goal >= 0.9" in r.stdout and "goal <= 1.3" in r.stdout

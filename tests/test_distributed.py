@@ -32,15 +32,18 @@ def _run(args, root, timeout=600, threads=None):
 
 
 # -- fast checks of the pieces ---------------------------------------------------------------------------------------
-def test_grouped_training_batches_are_sharded_evenly_and_completely():
+@pytest.mark.parametrize("by_length", [False, True])
+def test_grouped_training_batches_are_sharded_evenly_and_completely(by_length):
     from captioner.data.datamodule import GroupedBatches
 
     # 27 images x 5 captions in batches of >= 16 captions (4 whole images): 6 batches of 20 and one of 15
     pair_rows = np.repeat(np.arange(27), 5)
-    single = list(GroupedBatches(pair_rows, 16, seed=1))
+    lengths = np.random.default_rng(0).integers(5, 25, pair_rows.size) if by_length else None
+    single = list(GroupedBatches(pair_rows, 16, seed=1, lengths=lengths))
     assert len(single) == 7
     for world in (2, 3):  # 7 batches do not divide: 1 and 2 batches of padding
-        shards = [list(GroupedBatches(pair_rows, 16, seed=1, num_replicas=world, rank=r)) for r in range(world)]
+        shards = [list(GroupedBatches(pair_rows, 16, seed=1, num_replicas=world, rank=r, lengths=lengths))
+                  for r in range(world)]
         assert {len(s) for s in shards} == {-(-7 // world)}  # every rank runs the same number of steps
         seen = sorted(i for s in shards for b in s for i in b)
         assert set(seen) == set(range(len(pair_rows)))  # every caption is trained on
@@ -48,7 +51,7 @@ def test_grouped_training_batches_are_sharded_evenly_and_completely():
         for s in shards:
             assert all(len(set(pair_rows[b])) * 5 == len(b) for b in s)  # still whole images
     # one process: exactly the batches it had before sharding existed
-    assert list(GroupedBatches(pair_rows, 16, seed=1, num_replicas=1, rank=0)) == single
+    assert list(GroupedBatches(pair_rows, 16, seed=1, num_replicas=1, rank=0, lengths=lengths)) == single
 
 
 def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
