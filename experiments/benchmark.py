@@ -29,6 +29,7 @@ printed with it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -49,9 +50,10 @@ GOALS = {"extraction_vs_forward": (">=", 0.9), "cached_speedup": (">=", 30.0), "
          "rss_ratio_10x": ("<=", 1.3), "demo_sweep_seconds": ("<=", 900.0)}
 
 
-def _timed(fn, repeat: int) -> float:
-    """Seconds per call of fn, after one warm-up call."""
-    fn()
+def _timed(fn, repeat: int = 1, warm_up: bool = True) -> float:
+    """Seconds per call of fn (after one warm-up call unless warm_up=False)."""
+    if warm_up:
+        fn()
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
@@ -68,17 +70,9 @@ def _paired(fast, slow) -> tuple[float, float, float]:
     read 0.76-1.14 on the same code, the cached-step ratio 19-29x)."""
     fast()
     slow()
-    times = []
-    for _ in range(ROUNDS["n"]):
-        times.append((_timed_once(fast), _timed_once(slow)))
+    times = [(_timed(fast, warm_up=False), _timed(slow, warm_up=False)) for _ in range(ROUNDS["n"])]
     f, sl = zip(*times)
     return statistics.median(f), statistics.median(sl), statistics.median(b / a for a, b in times)
-
-
-def _timed_once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 EVAL_IMAGES = {"n": 300}  # val/test split sizes: 300 = the default shapes world's, so its caches are reused
@@ -98,15 +92,23 @@ def _autocast(cfg, device: str = "cpu"):
     return precision, torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
-def _datamodule_and_model(model: str, root: Path, n_train: int, extra=()):
+def _datamodule(model: str, root: Path, n_train: int, extra=()):
+    """The config of `model` on the benchmark's shapes world and its DataModule, set up (caches built if needed)."""
     from captioner.config import compose
-    from captioner.training import build_datamodule, build_model
+    from captioner.training import build_datamodule
 
     cfg = compose([f"model={model}", *_overrides(root, n_train, extra)])
     dm = build_datamodule(cfg)
     dm.progress = False
     dm.prepare_data()
     dm.setup("fit")
+    return cfg, dm
+
+
+def _datamodule_and_model(model: str, root: Path, n_train: int, extra=()):
+    from captioner.training import build_model
+
+    cfg, dm = _datamodule(model, root, n_train, extra)
     return cfg, dm, build_model(cfg, dm)
 
 
@@ -121,7 +123,7 @@ def extraction_vs_forward(root: Path, images: int, batch_size: int) -> dict:
     encoder = FrozenEncoder(EncoderSpec(name="efficientnet_lite0", weights="package"))
     x = torch.randn(batch_size, 3, 224, 224)
     workers = resolve_extraction_workers("auto", "cpu")  # the default, features.num_workers=auto
-    caches = iter(range(1_000))
+    caches = itertools.count()
 
     def forward_all():  # the bare forward over as many images as are extracted
         with torch.inference_mode():
@@ -187,7 +189,7 @@ def cached_speedup(root: Path, n_train: int, steps: int) -> dict:
 
     n = len(batches)
     cached, per_caption, ratio = _paired(cached_epochs, lambda: encoder_epoch(True))
-    cached_d, per_image, ratio_d = _paired(cached_epochs, lambda: encoder_epoch(False))
+    _, per_image, ratio_d = _paired(cached_epochs, lambda: encoder_epoch(False))
     return {"precision": precision, "cached_step_s": cached / (3 * n), "encoder_step_s": per_caption / n,
             "cached_speedup": 3 * ratio, "encoder_distinct_images_step_s": per_image / n,
             "cached_speedup_distinct_images": 3 * ratio_d, "steps_per_epoch": len(dm.train_dataloader())}
@@ -249,8 +251,7 @@ def _test_features(root: Path, n_train: int, feature: str, shape: tuple[int, ...
     matter: how long captions run, and so how many steps each image takes, depends on the input (on random
     features one checkpoint ran most captions to max_len, another stopped early)."""
     try:
-        _, dm, _ = _datamodule_and_model("dino_attention" if feature == "spatial" else "dino_lstm_init", root,
-                                         n_train)
+        _, dm = _datamodule("dino_attention" if feature == "spatial" else "dino_lstm_init", root, n_train)
         test = dm.splits["test"]
         if len(test) >= shape[0]:
             feats = test.features(test.rows[: shape[0]])
