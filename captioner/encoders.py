@@ -24,9 +24,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from torch import nn
+from torchvision import transforms
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +300,59 @@ def build_transform(trunk: nn.Module, spec: EncoderSpec):
         overrides["interpolation"] = spec.interpolation
     cfg = timm.data.resolve_data_config(overrides, model=trunk)
     return timm.data.create_transform(**cfg, is_training=False)
+
+
+class _ToUint8Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W): ToTensor without its float conversion."""
+
+    def __call__(self, image) -> torch.Tensor:
+        if getattr(image, "mode", None) != "RGB":
+            raise TypeError(f"expected an RGB PIL image (captioner.images.load_image gives one), got {image!r}")
+        return torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NormaliseBatch:
+    """uint8 images (B, 3, H, W) -> float32 (x / 255 - mean) / std: ToTensor + Normalize on a whole batch, with the
+    same float32 operations in the same order as torchvision's (to_tensor's div(255), normalize's sub_ and div_), so
+    on CPU the result is bit-identical to transforming image by image (on CUDA, torch may divide by a scalar as a
+    multiplication by its reciprocal: within an ulp)."""
+
+    def __init__(self, mean, std) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        if images.device.type != "cpu":
+            return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+        # On CPU image by image, so that each image's float copy stays in cache across the three passes (2 cores:
+        # 0.45 vs 0.65 ms an image for whole-batch passes).
+        out = torch.empty(images.shape, dtype=torch.float32)
+        for image, x in zip(images, out):
+            torch.div(image, 255, out=x).sub_(mean).div_(std)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def split_transform(transform) -> tuple[object, NormaliseBatch | None]:
+    """An evaluation transform as (per-image stage, batch stage): the per-image stage keeps the PIL steps (resize,
+    crop) and ends in a uint8 tensor; the batch stage converts and normalises a stacked batch (`NormaliseBatch`).
+
+    Why: decoding + transforming a shapes image cost 2.0 ms of CPU (one thread) with the whole transform per
+    image, 1.0 ms with this per-image stage, and its batch stage 0.5 ms more on CPU. Beside a GPU the batch stage
+    runs on the device: loader workers do half the work and ship uint8 (4x fewer bytes). A transform that does not
+    end in ToTensor + Normalize is returned whole, with no batch stage.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    if (len(steps) >= 2 and isinstance(steps[-2], transforms.ToTensor)
+            and isinstance(steps[-1], transforms.Normalize) and not steps[-1].inplace):
+        return transforms.Compose([*steps[:-2], _ToUint8Tensor()]), NormaliseBatch(steps[-1].mean, steps[-1].std)
+    return transform, None
 
 
 def transform_signature(transform) -> str:

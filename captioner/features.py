@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.records import CaptionRecord
-from .encoders import EncoderSpec, FrozenEncoder, spec_transform, transform_signature
+from .encoders import EncoderSpec, FrozenEncoder, spec_transform, split_transform, transform_signature
 from .images import ImageReadError, load_image
 
 try:
@@ -323,19 +323,20 @@ def _sha256(path: Path) -> str:
 # --- encoding rows ------------------------------------------------------------------------------------------------
 
 class _ImageFiles(Dataset):
-    """Decodes + transforms images in DataLoader workers, in parallel with the encoder forward."""
+    """Decodes + resizes images (in DataLoader workers when there are any, in parallel with the encoder forward);
+    `image_stage` ends in a uint8 tensor when the batch stage of `split_transform` normalises whole batches."""
 
-    def __init__(self, paths: Sequence[Path], transform, input_size: int) -> None:
-        self.paths, self.transform, self.input_size = list(paths), transform, input_size
+    def __init__(self, paths: Sequence[Path], image_stage, input_size: int, dtype: torch.dtype) -> None:
+        self.paths, self.image_stage, self.input_size, self.dtype = list(paths), image_stage, input_size, dtype
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_image(self.paths[i])), ""
+            return self.image_stage(load_image(self.paths[i])), ""
         except ImageReadError as e:  # a zero image keeps the batch shape; its row is zeroed and listed as failed
-            return torch.zeros(3, self.input_size, self.input_size), str(e)
+            return torch.zeros(3, self.input_size, self.input_size, dtype=self.dtype), str(e)
 
 
 def _encode_ranges(encoder: FrozenEncoder, records: Sequence[CaptionRecord], ranges: list[tuple[int, int]],
@@ -349,8 +350,10 @@ def _encode_ranges(encoder: FrozenEncoder, records: Sequence[CaptionRecord], ran
     rows = [i for a, b in ranges for i in range(a, b)]
     if not rows:
         return
+    image_stage, batch_stage = split_transform(encoder.transform())
+    dtype = torch.uint8 if batch_stage is not None else torch.float32
     loader = DataLoader(
-        _ImageFiles([records[i].image for i in rows], encoder.transform(), encoder.spec.input_size),
+        _ImageFiles([records[i].image for i in rows], image_stage, encoder.spec.input_size, dtype),
         batch_size=batch_size, num_workers=num_workers, shuffle=False,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None, multiprocessing_context=worker_context(num_workers),
@@ -360,7 +363,8 @@ def _encode_ranges(encoder: FrozenEncoder, records: Sequence[CaptionRecord], ran
     pos, failed = a, {}
     with torch.inference_mode():
         for images, errors in loader:
-            g, s = encoder(images.to(device, non_blocking=True))
+            images = images.to(device, non_blocking=True)
+            g, s = encoder(batch_stage(images) if batch_stage is not None else images)
             out = {"global.npy": g, "spatial.npy": s}
             n = images.shape[0]
             assert pos + n <= b, "a batch straddles two chunks"

@@ -79,3 +79,30 @@ def test_random_weights_only_when_asked_and_warned():
     torch.testing.assert_close(a.conv_stem.weight, b.conv_stem.weight)  # seeded: features stay cacheable
     with pytest.raises(ValueError, match="encoder.name"):
         EncoderSpec(name="resnet5000")
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("resnet50", 224), ("dinov2_vits14", 224)])
+def test_split_transform_is_bit_identical_to_the_whole_transform(name, size):
+    """Extraction normalises whole batches (`split_transform`): the batch must equal image-by-image transforms
+    exactly, for each encoder's mean/std and resize/crop, on square, wide and tall images."""
+    from captioner.encoders import split_transform
+
+    spec = EncoderSpec(name=name, input_size=size)
+    transform = build_transform(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    image_stage, batch_stage = split_transform(transform)
+    assert batch_stage is not None
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(224, 224), (200, 310), (333, 180)]]
+    staged = [image_stage(im) for im in images]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, size, size) for x in staged)
+    assert torch.equal(batch_stage(torch.stack(staged)), torch.stack([transform(im) for im in images]))
+
+
+def test_split_transform_keeps_other_transforms_whole():
+    from torchvision import transforms
+
+    from captioner.encoders import split_transform
+
+    custom = transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
+    assert split_transform(custom) == (custom, None)
