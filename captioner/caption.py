@@ -69,7 +69,7 @@ class ImageCaptioner:
         maps = self._attention(feats, words) if attention and self.spatial else [None] * len(images)
         return [{"caption": c, "words": w, "attention": m} for c, w, m in zip(captions, words, maps)]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # decoding steps under autocast: see captioner.decoding on inference_mode
     def _attention(self, feats: torch.Tensor, words: list[list[str]]) -> list[np.ndarray]:
         """Replay each caption step by step and keep the last layer's cross-attention behind every word
         (whatever search produced the caption, the map is what the decoder looked at for that word)."""

@@ -199,6 +199,29 @@ def test_decoding_under_autocast_and_inference(name):
     assert all(p.grad is None for p in dec.parameters())
 
 
+def _weight_casts(fn) -> int:
+    """bf16 casts of the decoder's float32 weight matrices while `fn` runs under CPU autocast."""
+    from torch.profiler import profile
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), profile(record_shapes=True) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+               if e.key == "aten::_to_copy" and e.input_shapes and len(e.input_shapes[0]) == 2)
+
+
+def test_decoding_keeps_autocasts_weight_copies_across_steps():
+    """Decoding runs under no_grad, not inference mode: there autocast re-casts every weight at every step."""
+    dec, feats = trained_decoder("transformer")
+    dec.eval()
+    steps = 10
+    kw = dict(beam_size=3, max_len=steps, min_len=steps)  # every image runs all `steps` steps
+    per_search = _weight_casts(lambda: beam_search(dec, feats, **kw))
+    with torch.inference_mode():
+        per_step = _weight_casts(lambda: beam_search.__wrapped__(dec, feats, **kw))
+    assert per_step >= steps * 2  # inference mode: every Linear weight cast again at every step
+    assert per_search * 4 <= per_step, (per_search, per_step)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_decoding_on_cuda_matches_cpu(name):
