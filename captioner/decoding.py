@@ -9,8 +9,8 @@ Both return one list of word ids per image, without `<sos>`/`<eos>`/`<pad>`, at 
 penalty when one is set). They run under `torch.no_grad()`, on the features' device, and under
 `torch.autocast` (log-softmax and scores are float32). Not `torch.inference_mode()`: it turns off autocast's
 cache of low-precision weight copies, and each step then re-casts every weight (3 casts per Linear call instead
-of 1; batched beam-3 under bf16 on 2 CPU cores 3.75 vs 3.15 ms/image, the same captions). They do not change the decoder's train/eval mode: call
-`decoder.eval()` first, or dropout will sample.
+of 1; batched beam-3 under bf16 on 2 CPU cores 3.75 vs 3.15 ms/image, the same captions). They do not change
+the decoder's train/eval mode: call `decoder.eval()` first, or dropout will sample.
 
 `<sos>` and `<pad>` are never generated (they are never training targets, so any probability the model gives
 them is noise), and `<eos>` is not allowed before `min_len` words.

@@ -243,29 +243,20 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int, n_train: int, devi
     kw = dict(beam_size=3, max_len=20, sos_id=model.vocab.sos_id, eos_id=model.vocab.eos_id,
               pad_id=model.vocab.pad_id)
 
-    def synced(fn):
-        def call():  # CUDA runs asynchronously: a call is over when the device is done
-            fn()
-            if device == "cuda":
+    out, captions = {"beam_checkpoint": source, "beam_features": feats_source}, {}
+    ways = {"batched": lambda: beam_search(model.decoder, feats, **kw),
+            "single": lambda: [beam_search(model.decoder, feats[i:i + 1], **kw)[0] for i in range(n_images)]}
+
+    def decode(way: str, precision: str):
+        def call():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                captions[way] = ways[way]()
+            if device == "cuda":  # CUDA runs asynchronously: a call is over when the device is done
                 torch.cuda.synchronize()
         return call
 
-    out, captions = {"beam_checkpoint": source, "beam_features": feats_source}, {}
-
-    def batched(precision: str):
-        def call():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                captions.update(batched=beam_search(model.decoder, feats, **kw))
-        return synced(call)
-
-    def single(precision: str):
-        def call():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                captions.update(single=[beam_search(model.decoder, feats[i:i + 1], **kw)[0] for i in range(n_images)])
-        return synced(call)
-
     for precision in ("fp32", "bf16"):
-        batched_s, single_s, ratio = _paired(batched(precision), single(precision))
+        batched_s, single_s, ratio = _paired(decode("batched", precision), decode("single", precision))
         tag = f"_{precision}"
         out.update({f"beam3{tag}_batched_ms_per_image": 1e3 * batched_s / n_images,
                     f"beam3{tag}_single_ms_per_image": 1e3 * single_s / n_images, f"batched{tag}_beam_speedup": ratio})
@@ -276,7 +267,7 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int, n_train: int, devi
     # medians from different pairs would carry the host's drift between them.
     best = {way: min(("fp32", "bf16"), key=lambda p: out[f"beam3_{p}_{way}_ms_per_image"])
             for way in ("batched", "single")}
-    batched_s, single_s, ratio = _paired(batched(best["batched"]), single(best["single"]))
+    batched_s, single_s, ratio = _paired(decode("batched", best["batched"]), decode("single", best["single"]))
     out.update({"beam3_batched_precision": best["batched"], "beam3_single_precision": best["single"],
                 "beam3_batched_ms_per_image": 1e3 * batched_s / n_images,
                 "beam3_single_ms_per_image": 1e3 * single_s / n_images, "batched_beam_speedup": ratio})

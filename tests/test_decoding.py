@@ -200,7 +200,8 @@ def test_decoding_under_autocast_and_inference(name):
 
 
 def _weight_casts(fn) -> int:
-    """bf16 casts of the decoder's float32 weight matrices while `fn` runs under CPU autocast."""
+    """bf16 casts of 2-D float32 tensors (the Linear weights, and 2-D activations) while `fn` runs under CPU
+    autocast."""
     from torch.profiler import profile
 
     with torch.autocast("cpu", dtype=torch.bfloat16), profile(record_shapes=True) as prof:
