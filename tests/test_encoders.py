@@ -99,6 +99,21 @@ def test_split_transform_is_bit_identical_to_the_whole_transform(name, size):
     assert torch.equal(batch_stage(torch.stack(staged)), torch.stack([transform(im) for im in images]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_stage_on_cuda_matches_the_whole_transform_on_cpu():
+    """Beside a GPU, extraction ships uint8 images and normalises them on the device: within an ulp of the CPU's."""
+    from captioner.encoders import split_transform
+
+    spec = EncoderSpec(name="efficientnet_lite0", input_size=224)
+    transform = build_transform(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    image_stage, batch_stage = split_transform(transform)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (240, 260, 3), dtype=np.uint8)) for _ in range(4)]
+    on_cuda = batch_stage(torch.stack([image_stage(im) for im in images]).cuda())
+    assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.float32
+    torch.testing.assert_close(on_cuda.cpu(), torch.stack([transform(im) for im in images]), rtol=1e-6, atol=1e-6)
+
+
 def test_split_transform_keeps_other_transforms_whole():
     from torchvision import transforms
 
