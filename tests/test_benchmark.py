@@ -28,6 +28,8 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
     assert b["beam_same_captions"] is True  # batched and one-at-a-time beam search agree
     assert b["beam_features"].startswith("the first 4 test images")  # decoded on real test-image features
     assert b["extraction_workers"] >= 0
+    assert b["extraction_prepare_share"] > 0 and 0 < b["extraction_ceiling"] < 1  # what bounds figure 1
+    assert "decode between forwards" in r.stdout
     assert b["cached_step_recurrent_s"] > 0 and b["cached_step_recurrent_share"] > 0  # what bounds figure 2
     assert math.isfinite(b["cached_speedup_ceiling"]) and "LSTM kernels alone" in r.stdout
     assert set(b["captions_per_s"]) == {"resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"}
