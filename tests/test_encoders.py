@@ -85,10 +85,9 @@ def test_random_weights_only_when_asked_and_warned():
 def test_split_transform_is_bit_identical_to_the_whole_transform(name, size):
     """Extraction normalises whole batches (`split_transform`): the batch must equal image-by-image transforms
     exactly, for each encoder's mean/std and resize/crop, on square, wide and tall images."""
-    from captioner.encoders import split_transform
+    from captioner.encoders import spec_transform, split_transform
 
-    spec = EncoderSpec(name=name, input_size=size)
-    transform = build_transform(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    transform = spec_transform(EncoderSpec(name=name, input_size=size))
     image_stage, batch_stage = split_transform(transform)
     assert batch_stage is not None
     rng = np.random.default_rng(0)
@@ -102,10 +101,9 @@ def test_split_transform_is_bit_identical_to_the_whole_transform(name, size):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_stage_on_cuda_matches_the_whole_transform_on_cpu():
     """Beside a GPU, extraction ships uint8 images and normalises them on the device: within an ulp of the CPU's."""
-    from captioner.encoders import split_transform
+    from captioner.encoders import spec_transform, split_transform
 
-    spec = EncoderSpec(name="efficientnet_lite0", input_size=224)
-    transform = build_transform(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    transform = spec_transform(EncoderSpec(name="efficientnet_lite0", input_size=224))
     image_stage, batch_stage = split_transform(transform)
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (240, 260, 3), dtype=np.uint8)) for _ in range(4)]
