@@ -1,13 +1,16 @@
-"""Captioning metrics, computed the conventional way.
+"""Captioning metrics, computed as the official COCO caption evaluation (pycocoevalcap) computes them.
 
-- Corpus-level scores against ALL references of each image (never one row per reference).
-- Test metrics use pycocoevalcap's own BLEU, ROUGE-L and CIDEr scorers (pure Python), and METEOR when Java is
-  present (otherwise reported as None: skipped, never a crash). Input text is tokenised with the suite's one
-  tokenizer (`normalize`), so hypotheses and references always match in form. Values are on pycocoevalcap's 0-1
-  scale (CIDEr can exceed 1).
-- Validation BLEU-1..4 use torchmetrics' BLEU (`val_bleu_scores`); it splits on whitespace and is 0 when any
-  n-gram order has no match, hence also BLEU-1/2, which stay informative early in training. It is computed once
-  per epoch from the outputs of the whole split (gathered from every rank and deduplicated under DDP, see
+- Text is tokenised as pycocoevalcap's `PTBTokenizer` does (`captioner.ptb_tokenizer`): the Stanford PTB tokenizer
+  itself when Java is present, else its pure-Python twin, which the tests hold token-for-token equal to it. Scores
+  are then comparable with published ones; the suite's own training tokenizer (`vocabulary.tokenize`) never
+  reaches a score. `tokenizer=` picks the backend (`auto` | `java` | `python`), or None for text that is
+  already PTB-tokenised.
+- Corpus-level scores against ALL references of each image (never one row per reference): pycocoevalcap's own
+  BLEU, ROUGE-L and CIDEr-D scorers, and METEOR when Java is present (otherwise None: skipped, never a crash).
+  Values are on pycocoevalcap's 0-1 scale (CIDEr can exceed 1); papers print them x100.
+- Validation BLEU-1..4 (`val_bleu_scores`, checkpoint selection) are the same corpus BLEU on the same
+  tokenisation, so the epoch is chosen on the metric that is reported. They are computed once per epoch from the
+  outputs of the whole split (gathered from every rank and deduplicated under DDP, see
   `Captioner.gather_eval_outputs`), never from per-rank metric states: a DistributedSampler pads the last batch
   with repeated images, which synced states would count twice.
 """
@@ -20,17 +23,22 @@ import logging
 import shutil
 from typing import Sequence
 
-from .data.vocabulary import normalize
+from .ptb_tokenizer import ptb_tokenize
 
 log = logging.getLogger(__name__)
 
 
-def _gts_res(hypotheses: Sequence[str], references: Sequence[Sequence[str]]):
+def evaluation_texts(hypotheses: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str | None = "auto"):
+    """pycocoevalcap's inputs: ({i: [tokenised references]}, {i: [tokenised hypothesis]}), all texts tokenised in
+    one call (one JVM start with Java)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
-    gts = {i: [normalize(r) for r in refs] for i, refs in enumerate(references)}
+    texts = [*hypotheses, *(r for refs in references for r in refs)]
+    tokens = list(texts) if tokenizer is None else ptb_tokenize(texts, backend=tokenizer)
+    hyps, rest = tokens[:len(hypotheses)], iter(tokens[len(hypotheses):])
+    gts = {i: [next(rest) for _ in refs] for i, refs in enumerate(references)}
     # pycocoevalcap's scorers choke on an empty hypothesis string; a lone space scores like an empty caption
-    res = {i: [normalize(h) or " "] for i, h in enumerate(hypotheses)}
+    res = {i: [h or " "] for i, h in enumerate(hyps)}
     return gts, res
 
 
@@ -61,14 +69,14 @@ def meteor_score(gts: dict, res: dict) -> float | None:
 
 
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True,
-                    per_image: bool = False) -> dict:
+                    per_image: bool = False, tokenizer: str | None = "auto") -> dict:
     """BLEU-1..4, ROUGE-L, CIDEr (and METEOR) of a corpus; `per_image` adds per-image CIDEr/BLEU-4 lists
     (used by the bootstrap confidence intervals)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts, res = _gts_res(hypotheses, references)
+    gts, res = evaluation_texts(hypotheses, references, tokenizer)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its internals
         bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
@@ -80,20 +88,13 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     return out
 
 
-def bleu_metrics():
-    """torchmetrics BLEU-1..4 modules for validation (strings are normalised by the caller)."""
-    from torchmetrics.text import BLEUScore
-
-    return {f"bleu_{n}": BLEUScore(n_gram=n) for n in range(1, 5)}
-
-
-def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Validation BLEU-1..4 of a whole split at once: torchmetrics' BLEU, the same numbers as the `bleu_metrics`
-    modules updated batch by batch (their states are summed n-gram counts), but local to this process."""
-    from torchmetrics.functional.text import bleu_score
-
-    hyps, refs = list(hypotheses), [list(r) for r in references]
-    return {f"bleu_{n}": float(bleu_score(hyps, refs, n_gram=n)) for n in range(1, 5)}
+def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                    tokenizer: str | None = "auto") -> dict[str, float]:
+    """Validation BLEU-1..4 of a whole split: `caption_metrics`' corpus BLEU on the same tokenisation, from
+    sufficient statistics (no ROUGE/CIDEr/METEOR work each epoch)."""
+    gts, res = evaluation_texts(hypotheses, references, tokenizer)
+    bleu = bleu_from_stats(bleu_stats([res[i][0] for i in res], [gts[i] for i in gts], tokenizer=None).sum(0))
+    return {f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
 
 
 # -- BLEU sufficient statistics (exact corpus BLEU under bootstrap resampling) ---------------------------------------
@@ -103,28 +104,32 @@ def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str
 # The layout of one row, for BLEU up to order n (n=4 -> 10 columns):
 #   [correct_1..correct_n, guess_1..guess_n, hypothesis length, reference length]
 
-def cook_references(references: Sequence[Sequence[str]], n: int = 4) -> list:
-    """Each image's references, normalised and cooked by pycocoevalcap (n-gram max counts, lengths), for
+def cook_references(references: Sequence[Sequence[str]], n: int = 4, tokenizer: str | None = "auto") -> list:
+    """Each image's references, tokenised and cooked by pycocoevalcap (n-gram max counts, lengths), for
     `bleu_stats(..., cooked=)` when many hypothesis sets are scored against the same references."""
     from pycocoevalcap.bleu.bleu_scorer import cook_refs
 
-    gts, _ = _gts_res([""] * len(references), references)
+    gts, _ = evaluation_texts([""] * len(references), references, tokenizer)
     return [cook_refs(gts[i], n=n) for i in gts]
 
 
-def bleu_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, cooked=None):
+def bleu_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, cooked=None,
+               tokenizer: str | None = "auto"):
     """Per-image BLEU sufficient statistics, shape (n_images, 2n+2) float64, computed exactly as pycocoevalcap's
-    `Bleu(n).compute_score` does on the same (normalised) text: clipped n-gram matches against the per-n-gram max
+    `Bleu(n).compute_score` does on the same (tokenised) text: clipped n-gram matches against the per-n-gram max
     count over all references, guess counts max(0, len-k+1), and the reference length closest to the hypothesis
     length (ties -> the shorter reference), as Bleu passes option='closest'. `cooked`: `cook_references` of
     `references`, computed once."""
     import numpy as np
-    from pycocoevalcap.bleu.bleu_scorer import cook_test
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 
-    gts, res = _gts_res(hypotheses, references)  # same tokenisation (and empty-hypothesis guard) as caption_metrics
-    cooked = cook_references(references, n) if cooked is None else cooked
-    out = np.zeros((len(gts), 2 * n + 2), dtype=np.float64)
-    for i in gts:
+    if cooked is None:  # the references are tokenised with the hypotheses; pre-cooked ones only need the latter
+        gts, res = evaluation_texts(hypotheses, references, tokenizer)
+        cooked = [cook_refs(gts[i], n=n) for i in gts]
+    else:
+        _, res = evaluation_texts(hypotheses, [()] * len(hypotheses), tokenizer)
+    out = np.zeros((len(res), 2 * n + 2), dtype=np.float64)
+    for i in res:
         # pycocoevalcap's own cooking functions, so clipping and n-gram extraction cannot drift from its scorer
         comps = cook_test(res[i][0], cooked[i], n=n)
         testlen = comps["testlen"]

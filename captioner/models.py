@@ -31,6 +31,10 @@ from .metrics import val_bleu_scores
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/(?!loss')")
 
 
+# What `decode:` in conf/train.yaml sets; a checkpoint saved before a key existed gets its default here.
+DECODE_DEFAULTS = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, "suppress_unk": True}
+
+
 def _distributed() -> bool:
     """Several processes (DDP) share this run."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
@@ -65,6 +69,7 @@ class Captioner(L.LightningModule):
         label_smoothing: float = 0.0,
         decode: Mapping[str, Any] | None = None,
         meteor: bool = True,
+        tokenizer: str = "auto",
     ) -> None:
         super().__init__()
         # module objects (optimizer partial) stay out of the checkpoint's hyper-parameters
@@ -74,7 +79,7 @@ class Captioner(L.LightningModule):
         dec_cfg = dict(decoder)
         extra = {"grid": tuple(grid)} if dec_cfg.get("name") == "transformer" else {}
         self.decoder = build_decoder(**dec_cfg, vocab_size=len(self.vocab), feature_dim=feature_dim, **extra)
-        self.decode_cfg = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, **dict(decode or {})}
+        self.decode_cfg = {**DECODE_DEFAULTS, **dict(decode or {})}
         self.eval_outputs: list[dict] = []
         self.test_results: dict = {}
         self.test_predictions: list[dict] = []
@@ -87,11 +92,15 @@ class Captioner(L.LightningModule):
                                ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
 
     def generate(self, features: torch.Tensor, **overrides) -> list[str]:
+        """Captions of `features` under the decode config (`decode.*`, then `overrides`): every setting but the
+        beam's own applies to greedy decoding and beam search alike."""
         cfg = {**self.decode_cfg, **overrides}
-        common = dict(max_len=cfg["max_len"], sos_id=self.vocab.sos_id, eos_id=self.vocab.eos_id)
+        common = dict(max_len=cfg["max_len"], min_len=cfg["min_len"], sos_id=self.vocab.sos_id,
+                      eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id,
+                      suppress=[self.vocab.unk_id] if cfg["suppress_unk"] else [])
         if cfg["beam_size"] > 1:
-            ids = beam_search(self.decoder, features, beam_size=cfg["beam_size"], min_len=cfg["min_len"],
-                              length_penalty=cfg["length_penalty"], pad_id=self.vocab.pad_id, **common)
+            ids = beam_search(self.decoder, features, beam_size=cfg["beam_size"],
+                              length_penalty=cfg["length_penalty"], **common)
         else:
             ids = greedy_decode(self.decoder, features, **common)
         return [self.vocab.decode(x) for x in ids]
@@ -152,7 +161,7 @@ class Captioner(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.eval_outputs = self.gather_eval_outputs()
         bleu = val_bleu_scores([o["hypothesis"] for o in self.eval_outputs],
-                               [o["references"] for o in self.eval_outputs])
+                               [o["references"] for o in self.eval_outputs], tokenizer=self.hparams.tokenizer)
         for name, value in bleu.items():
             self.log(f"val/{name}", value, prog_bar=name == "bleu_4")
         semantic = self._semantic("val")
@@ -168,7 +177,7 @@ class Captioner(L.LightningModule):
         # scored once, on global rank 0 (METEOR starts a Java process), then sent to the other ranks
         if self.global_rank == 0:
             results = caption_metrics([o["hypothesis"] for o in outs], [o["references"] for o in outs],
-                                      meteor=self.hparams.meteor)
+                                      meteor=self.hparams.meteor, tokenizer=self.hparams.tokenizer)
         if _distributed():
             box = [results]
             torch.distributed.broadcast_object_list(box, src=0)

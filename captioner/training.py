@@ -65,7 +65,7 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
         vocab=dm.vocab.to_dict(), decoder=decoder, encoder=dm.encoder_spec.to_dict(), model_name=cfg.model.name,
         feature_dim=dm.feature_dim, grid=tuple(dm.grid), optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=OmegaConf.to_container(cfg.scheduler), label_smoothing=cfg.label_smoothing,
-        decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor)
+        decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor, tokenizer=cfg.metrics.tokenizer)
 
 
 def instantiate_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> float:
     if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results of the whole split
         _finish_wandb(loggers)
         return sweep_value
-    baseline = caption_prior_baseline(dm, model.test_predictions)
+    baseline = caption_prior_baseline(dm, model.test_predictions, tokenizer=cfg.metrics.tokenizer)
     metrics = {
         "model": cfg.model.name, "run_name": cfg.run_name, "family": cfg.model.family,
         "encoder": dm.encoder_spec.name, "encoder_weights": str(dm.encoder_spec.weights),
@@ -188,29 +188,34 @@ def train(cfg: DictConfig) -> float:
 
 
 def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,
-                           fit_images: int = 300) -> float:
+                           fit_images: int = 300, tokenizer: str = "auto") -> float:
     """Test BLEU-4 of a model that never looks at the image: the one constant caption that scores best on (part
     of) the TRAINING images, chosen among the most frequent training captions, given to every test image.
-    A captioner must beat this clearly to show that it uses the image at all."""
+    A captioner must beat this clearly to show that it uses the image at all. All text is tokenised once, as the
+    evaluation tokenises it (`tokenizer`: see `captioner.metrics`)."""
     from collections import Counter
 
-    from .data.vocabulary import normalize
     from .metrics import bleu_from_stats, bleu_stats, caption_metrics, cook_references
+    from .ptb_tokenizer import ptb_tokenize
 
     if not predictions:
         return 0.0
-    train_refs = [[normalize(c) for c in r.captions] for r in dm.records["train"][:fit_images]]
-    pool = [c for c, _ in Counter(normalize(c) for r in dm.records["train"] for c in r.captions).most_common(candidates)]
+    train = [r.captions for r in dm.records["train"]]
+    test = [p["references"] for p in predictions]
+    tokens = iter(ptb_tokenize([c for refs in train + test for c in refs], backend=tokenizer))
+    train, test = ([[next(tokens) for _ in refs] for refs in group] for group in (train, test))
+    pool = [c for c, _ in Counter(c for refs in train for c in refs).most_common(candidates)]
+    fit = train[:fit_images]
     # The same corpus BLEU-4 as caption_metrics, from sufficient statistics with the references cooked once: a full
     # pycocoevalcap run per candidate took 25 s of every training run.
-    cooked = cook_references(train_refs)
+    cooked = cook_references(fit, tokenizer=None)
 
     def train_bleu_4(caption: str) -> float:
-        return float(bleu_from_stats(bleu_stats([caption] * len(train_refs), train_refs, cooked=cooked).sum(0))[3])
+        stats = bleu_stats([caption] * len(fit), fit, cooked=cooked, tokenizer=None)
+        return float(bleu_from_stats(stats.sum(0))[3])
 
     best = max(pool, key=train_bleu_4)
-    refs = [p["references"] for p in predictions]
-    return caption_metrics([best] * len(refs), refs, meteor=False)["bleu_4"]
+    return caption_metrics([best] * len(test), test, meteor=False, tokenizer=None)["bleu_4"]
 
 
 def _epoch_of(path: str | None) -> int | None:

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:  # `python experiments/compare.py` puts experiment
     sys.path.insert(0, str(REPO))
 
 from captioner.data.vocabulary import normalize  # noqa: E402
-from captioner.metrics import bleu_from_stats, bleu_stats, caption_metrics  # noqa: E402
+from captioner.metrics import bleu_from_stats, bleu_stats, caption_metrics, evaluation_texts  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -196,14 +196,15 @@ def delta_ci(resampled: np.ndarray, resampled_ref: np.ndarray, full: float, full
 def score_runs(runs: list[Run], keys: list[str]) -> None:
     """Per-image BLEU statistics and CIDEr-D of every run, in the order of `keys`. CIDEr-D's document frequencies
     come from the references of the full test set (pycocoevalcap computes them per call) and stay fixed under
-    resampling."""
+    resampling. The text is tokenised once per run, as the runs' own test metrics tokenised it."""
     for run in runs:
         if run.predictions is None:
             continue
         rows = [run.predictions[k] for k in keys]
-        hyps, refs = [r["hypothesis"] for r in rows], [r["references"] for r in rows]
-        run.stats = bleu_stats(hyps, refs)
-        scores = caption_metrics(hyps, refs, meteor=False, per_image=True)
+        gts, res = evaluation_texts([r["hypothesis"] for r in rows], [r["references"] for r in rows])
+        hyps, refs = [res[i][0] for i in res], [gts[i] for i in gts]
+        run.stats = bleu_stats(hyps, refs, tokenizer=None)
+        scores = caption_metrics(hyps, refs, meteor=False, per_image=True, tokenizer=None)
         run.cider = np.asarray(scores["per_image"]["cider"], dtype=np.float64)
         # the table shows metrics.json, the intervals come from predictions.jsonl: say so if they disagree
         for name, value in (("bleu_4", float(bleu_from_stats(run.stats.sum(0))[3])), ("cider", scores["cider"])):

@@ -233,3 +233,24 @@ def test_decoding_on_cuda_matches_cpu(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = beam_search(dec, feats, beam_size=3, max_len=10)
         assert no_specials(out) and greedy_decode(dec, feats, max_len=10)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_one_decode_config_drives_greedy_and_beam_search(beam_size):
+    """`decode.min_len` and `decode.suppress_unk` reach greedy decoding (validation/test's default) as they reach
+    beam search: greedy once returned empty captions under min_len=1."""
+    from captioner.models import DECODE_DEFAULTS, Captioner
+
+    UNK = Vocabulary.unk_id
+    model = Captioner.__new__(Captioner)  # a Captioner around a hand-made decoder: only generate() is used
+    nn.Module.__init__(model)
+    model.decoder = TableDecoder({SOS: {EOS: 0.6, UNK: 0.3, A: 0.1}, UNK: {EOS: 0.9, B: 0.1},
+                                  A: {EOS: 0.9, B: 0.1}, B: {EOS: 0.9, C: 0.1}, C: {EOS: 0.9, A: 0.1}})
+    model.vocab = Vocabulary(["a", "b", "c", "d", "e", "f"])
+    model.decode_cfg = {**DECODE_DEFAULTS, "beam_size": beam_size}
+    feats = torch.zeros(2, 4)
+    assert DECODE_DEFAULTS["min_len"] == 1 and DECODE_DEFAULTS["suppress_unk"]
+    assert model.generate(feats) == ["a", "a"]  # not "" (min_len), not "<unk>" (suppressed)
+    assert model.generate(feats, suppress_unk=False) == ["<unk>", "<unk>"]
+    assert model.generate(feats, min_len=0) == ["", ""]
+    assert model.generate(feats, min_len=3) == ["a b c", "a b c"]

@@ -79,20 +79,20 @@ def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
     assert all(o["hypothesis"] == f"caption {o['index']}" for o in gathered)
 
 
-def test_validation_bleu_of_the_whole_split_equals_the_batchwise_metric():
-    from captioner.metrics import bleu_metrics, val_bleu_scores
+def test_validation_bleu_is_the_reported_test_bleu():
+    """Checkpoints are selected on the metric that is reported: validation BLEU-1..4 equal caption_metrics' BLEU
+    (the test metric) on the same captions, tokenisation included."""
+    from captioner.metrics import caption_metrics, val_bleu_scores
 
-    hyps = ["a red circle left of a blue square", "a green star", "a small blue triangle above a large circle",
+    hyps = ["A red circle, left of a blue square.", "a green star", "a small blue triangle above a large circle",
             "there is a yellow square"]
-    refs = [["a red circle to the left of a blue square", "a blue square right of a red circle"],
-            ["a green star above an orange triangle"], ["a small blue triangle above a large green circle"],
-            ["a yellow square", "there is a yellow square left of a star"]]
+    refs = [["A red circle to the left of a blue square.", "a blue square right of a red circle"],
+            ["a green star (above an orange triangle)"], ["a small blue triangle above a large green circle"],
+            ["a yellow square", "There's a yellow square left of a star!"]]
     whole = val_bleu_scores(hyps, refs)
-    modules = bleu_metrics()
-    for name, metric in modules.items():
-        metric.update(hyps[:3], refs[:3])  # two batches, as validation_step used to feed them
-        metric.update(hyps[3:], refs[3:])
-        assert whole[name] == pytest.approx(float(metric.compute()), abs=1e-7), name
+    reported = caption_metrics(hyps, refs, meteor=False)
+    for n in range(1, 5):
+        assert whole[f"bleu_{n}"] == pytest.approx(reported[f"bleu_{n}"], abs=1e-12), n
     assert 0 < whole["bleu_4"] < whole["bleu_1"] <= 1
 
 

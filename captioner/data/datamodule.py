@@ -23,7 +23,7 @@ from ..encoders import EncoderSpec
 from ..features import ExtractionGroup, FeatureCache, prepare_features, worker_context
 from . import dataset_id, load_dataset
 from .records import SPLITS, CaptionDataset, CaptionRecord
-from .vocabulary import Vocabulary, encode_captions, normalize, tokenize
+from .vocabulary import Vocabulary, encode_captions, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,13 @@ class GroupedBatches(Sampler[list[int]]):
 
 
 class CaptionImages(_RowBatches):
-    """Each image once, with all of its normalised references (for BLEU/CIDEr against every reference)."""
+    """Each image once, with all of its references as written (for BLEU/CIDEr against every reference; the metrics
+    tokenise them as the official evaluation does)."""
 
     def __init__(self, features: _FeatureRows, rows: np.ndarray, records: list[CaptionRecord],
                  vocab: Vocabulary, max_length: int) -> None:
         self.features, self.rows, self.records = features, rows, records
-        self.references = [[normalize(c) for c in r.captions] for r in records]
+        self.references = [list(r.captions) for r in records]
         # token ids of every reference, for the validation loss (teacher forcing on all references)
         self.reference_ids = [encode_captions(vocab, r.captions, max_length)[0] for r in records]
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
-from .vocabulary import normalize, tokenize
+from .vocabulary import tokenize
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary of the world
@@ -503,18 +503,13 @@ def reference_agreement(dataset_or_records: CaptionDataset | Iterable[CaptionRec
     """Corpus BLEU-4 (0-1) of each image's first reference against its other references.
 
     A ceiling-like number for the references' wording variety: how well a perfect "one of the references"
-    caption could score. Records with fewer than two captions are ignored.
+    caption could score. Records with fewer than two captions are ignored. Scored as the test metrics are.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
+    from ..metrics import bleu_from_stats, bleu_stats
 
     records = dataset_or_records.records if isinstance(dataset_or_records, CaptionDataset) else dataset_or_records
-    gts, res = {}, {}
-    for k, rec in enumerate(records):
-        caps = [normalize(c) for c in rec.captions]
-        if len(caps) < 2:
-            continue
-        gts[k], res[k] = caps[1:], caps[:1]
-    if not gts:
+    records = [r for r in records if len(r.captions) >= 2]
+    if not records:
         raise ValueError("reference_agreement needs at least one record with two or more captions")
-    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return float(score[3])
+    stats = bleu_stats([r.captions[0] for r in records], [r.captions[1:] for r in records])
+    return float(bleu_from_stats(stats.sum(0))[3])

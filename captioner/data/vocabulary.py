@@ -1,8 +1,10 @@
 """Tokenizer and Vocabulary.
 
-One tokenizer is used everywhere text is compared or encoded: building the vocabulary, encoding training
-targets, normalising references and hypotheses for BLEU/CIDEr. Evaluating with a different normalisation than
-training is one of the classic silent BLEU killers, so there is exactly one `tokenize`.
+One tokenizer for the model's words: building the vocabulary, encoding training targets, turning generated ids
+back into text. Scores never see it: references and generated captions are both tokenised by the evaluation's
+PTB tokenizer (`captioner.metrics`), as published scores are. So that a generated caption survives that second
+tokenisation intact, words are cut where PTB cuts them or coarser: "t-shirt", "3.5" and "man's" stay one word here
+(PTB keeps the first two whole and splits "man's" itself), punctuation is a word of its own (PTB drops it).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Iterable, Sequence
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 SPECIALS = (PAD, SOS, EOS, UNK)
 
-# A word is a run of letters/digits (apostrophes inside words kept: "man's"); every other visible character
-# is its own token, so "dog." -> ["dog", "."] and "grass,running" -> ["grass", ",", "running"].
-_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[^\w\s]", re.UNICODE)
+# A word is a number with inner separators ("3.5", "1,000", "10:30"), or a run of letters/digits with apostrophes
+# or hyphens inside ("man's", "t-shirt"); every other visible character is its own token, so "dog." -> ["dog", "."]
+# and "grass,running" -> ["grass", ",", "running"].
+_TOKEN = re.compile(r"\d+(?:[.,:]\d+)+(?![^\W_])|[^\W_]+(?:['-][^\W_]+)*|[^\w\s]", re.UNICODE)
 
 
 def tokenize(text: str) -> list[str]:
@@ -30,7 +33,8 @@ def tokenize(text: str) -> list[str]:
 
 
 def normalize(text: str) -> str:
-    """The canonical whitespace-joined form used for metrics (torchmetrics BLEU splits on whitespace)."""
+    """The whitespace-joined tokens: how the vocabulary sees a text (captions equal in this form are the same
+    caption to the model)."""
     return " ".join(tokenize(text))
 
 
