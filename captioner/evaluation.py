@@ -2,7 +2,9 @@
 score it with the full metric suite, writing `metrics.json` and `predictions.jsonl` into the run directory.
 
 The checkpoint decides the vocabulary and the encoder (name, weights, transform): evaluating with anything else
-would decode garbage, so an `encoder=...` on the command line that differs from the checkpoint's is refused.
+would decode garbage, so an `encoder=...` on the command line that differs from the checkpoint's is refused. The
+exception is `encoder.weights=FILE` for a checkpoint trained with a weights file that lives elsewhere here: it is
+used when its SHA-256 is the one the checkpoint recorded.
 Only the data (`data=...`, `split=val|test`) and the decoding (`decode.beam_size=3` ...) are chosen here.
 """
 
@@ -17,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_captioner
-from .encoders import EncoderSpec
+from .encoders import EncoderSpec, relocate_weights
 from .training import (ConfigError, build_datamodule, instantiate_trainer, prepare_distributed_launch, run_directory,
                        write_predictions)
 
@@ -30,19 +32,46 @@ def _command_line_overrides() -> list[str]:
     return list(hydra.core.hydra_config.HydraConfig.get().overrides.task)
 
 
-def check_encoder_matches(requested: EncoderSpec, trained: EncoderSpec, overrides: list[str], ckpt: str) -> None:
-    """Refuse an encoder asked for on the command line that is not the one the checkpoint was trained on."""
-    asked = any(o.split("=")[0].lstrip("+~").split(".")[0] == "encoder" for o in overrides)
-    if not asked:
-        return
-    same = (requested.timm_name, str(requested.weights), requested.input_size) == \
-        (trained.timm_name, str(trained.weights), trained.input_size)
-    if not same:
+# The spec fields that change the features (besides the weights, checked by content in `relocate_weights`).
+FEATURE_FIELDS = ("name", "timm_name", "input_size", "resize", "crop_pct", "interpolation")
+WEIGHTS_OPTION = "encoder.weights=/path/to/file"
+
+
+def _encoder_override_keys(overrides: list[str]) -> set[str]:
+    """The encoder fields a command line sets: `encoder.resize=pad` -> {"resize"}; `encoder=resnet50` chooses the
+    whole node -> {"encoder"}."""
+    keys = set()
+    for o in overrides:
+        path = o.split("=")[0].lstrip("+~").split(".")
+        if path[0] == "encoder":
+            keys.add(path[1] if len(path) > 1 else "encoder")
+    return keys
+
+
+def check_encoder_matches(requested: EncoderSpec, trained: EncoderSpec, overrides: list[str], ckpt: str) -> EncoderSpec:
+    """The checkpoint's encoder spec to evaluate with, its weights file found (`relocate_weights`).
+
+    An encoder setting on the command line that differs from the checkpoint's is refused: its decoder only
+    understands the features it was trained on. The one accepted is `encoder.weights=FILE` where the checkpoint
+    was trained with a weights file: the new location of that file, which must have the recorded SHA-256."""
+    keys = _encoder_override_keys(overrides)
+    whole = "encoder" in keys
+    differ = [f for f in FEATURE_FIELDS if (whole or f in keys) and getattr(requested, f) != getattr(trained, f)]
+    new_weights = None
+    if whole or "weights" in keys:
+        if trained.weights_file and requested.weights_file:
+            new_weights = str(requested.weights)
+        elif str(requested.weights) != str(trained.weights):
+            differ.append("weights")
+    if differ:
+        def describe(spec: EncoderSpec) -> str:
+            return ", ".join(f"{f}={getattr(spec, f)}" for f in differ)
+
         raise ConfigError(
-            f"{ckpt} was trained on encoder {trained.name} ({trained.timm_name}, weights {trained.weights}, "
-            f"{trained.input_size}px) but the command asks for encoder {requested.name} ({requested.timm_name}, "
-            f"weights {requested.weights}, {requested.input_size}px): its decoder only understands the features "
-            "it was trained on. Drop the encoder override (the checkpoint's encoder is used automatically)")
+            f"{ckpt} was trained on encoder {trained.name} ({describe(trained)}) but the command asks for encoder "
+            f"{requested.name} ({describe(requested)}): its decoder only understands the features it was trained "
+            "on. Drop the encoder override (the checkpoint's encoder is used automatically)")
+    return relocate_weights(trained, new_weights, WEIGHTS_OPTION, ckpt)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -56,8 +85,9 @@ def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     model = load_captioner(cfg.ckpt_path)
-    trained = EncoderSpec(**model.hparams.encoder)
-    check_encoder_matches(EncoderSpec.from_config(cfg.encoder), trained, _command_line_overrides(), cfg.ckpt_path)
+    trained = check_encoder_matches(EncoderSpec.from_config(cfg.encoder),
+                                    EncoderSpec.from_checkpoint(model.hparams.encoder), _command_line_overrides(),
+                                    cfg.ckpt_path)
     with open_dict(cfg):
         cfg.encoder = OmegaConf.create({**OmegaConf.to_container(cfg.encoder), **trained.to_dict()})
         cfg.decoder.feature = model.decoder.feature
@@ -69,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict:
                           f"of encoder {trained.name} has {dm.feature_dim}-d")
 
     model.decode_cfg.update(OmegaConf.to_container(cfg.decode))
-    model.hparams.meteor = cfg.metrics.meteor
+    model.hparams.meteor, model.hparams.tokenizer = cfg.metrics.meteor, cfg.metrics.tokenizer
     trainer = instantiate_trainer(cfg, logger=False, callbacks=[], max_epochs=1, default_root_dir=str(run_dir))
     prepare_distributed_launch(trainer, run_dir)
     t0 = time.perf_counter()

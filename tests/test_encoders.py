@@ -81,13 +81,14 @@ def test_random_weights_only_when_asked_and_warned():
         EncoderSpec(name="resnet5000")
 
 
+@pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
 @pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("resnet50", 224), ("dinov2_vits14", 224)])
-def test_split_transform_is_bit_identical_to_the_whole_transform(name, size):
+def test_split_transform_is_bit_identical_to_the_whole_transform(name, size, resize):
     """Extraction normalises whole batches (`split_transform`): the batch must equal image-by-image transforms
-    exactly, for each encoder's mean/std and resize/crop, on square, wide and tall images."""
+    exactly, for each encoder's mean/std and each resize mode, on square, wide and tall images."""
     from captioner.encoders import spec_transform, split_transform
 
-    transform = spec_transform(EncoderSpec(name=name, input_size=size))
+    transform = spec_transform(EncoderSpec(name=name, input_size=size, resize=resize))
     image_stage, batch_stage = split_transform(transform)
     assert batch_stage is not None
     rng = np.random.default_rng(0)
@@ -119,3 +120,106 @@ def test_split_transform_keeps_other_transforms_whole():
 
     custom = transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
     assert split_transform(custom) == (custom, None)
+
+
+# --- encoder.resize: how much of the image reaches the encoder -----------------------------------------------------
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def banded_image(w=320, h=240, band=0.12):
+    """A 4:3 image, green inside, with red bands `band` of its width / height along every edge."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:] = RED
+    bx, by = round(band * w), round(band * h)
+    a[by:h - by, bx:w - bx] = GREEN
+    return Image.fromarray(a)
+
+
+def encoder_input(name, **spec):
+    """The banded image through the encoder's transform, un-normalised to [0, 1] RGB (H, W, 3), the normalised
+    tensor, and the normalisation."""
+    from captioner.encoders import spec_transform, split_transform
+
+    transform = spec_transform(EncoderSpec(name=name, **spec))
+    x = transform(banded_image())
+    norm = split_transform(transform)[1]
+    rgb = x * torch.tensor(norm.std).view(3, 1, 1) + torch.tensor(norm.mean).view(3, 1, 1)
+    return rgb.permute(1, 2, 0).numpy(), x, norm
+
+
+def is_colour(pixels, colour):
+    return np.abs(pixels - np.array(colour) / 255).max() < 0.1
+
+
+def test_default_resize_is_squash_in_the_spec_and_every_encoder_config():
+    from captioner.config import CONF_DIR, compose
+
+    assert EncoderSpec().resize == "squash"
+    for path in sorted((CONF_DIR / "encoder").glob("*.yaml")):
+        assert compose([f"encoder={path.stem}"]).encoder.resize == "squash", path
+    with pytest.raises(ValueError, match=r"encoder\.resize"):
+        EncoderSpec(resize="stretch")
+    rgb, _, _ = encoder_input("efficientnet_lite0")  # the default transform keeps the left and right bands
+    assert is_colour(rgb[60:164, :20], RED) and is_colour(rgb[60:164, -20:], RED)
+
+
+def test_squash_keeps_every_border_band():
+    rgb, x, _ = encoder_input("efficientnet_lite0", resize="squash")
+    assert x.shape == (3, 224, 224)
+    mid = slice(60, 164)
+    # bands are 12 % of each side: about 27 px of 224; the outer 20 px are clear of resampling at their edge
+    for band in (rgb[mid, :20], rgb[mid, -20:], rgb[:20, mid], rgb[-20:, mid]):
+        assert is_colour(band, RED)
+    assert is_colour(rgb[40:184, 40:184], GREEN)
+
+
+def test_crop_cuts_off_the_left_and_right_bands():
+    rgb, _, _ = encoder_input("efficientnet_lite0", resize="crop")
+    mid = slice(60, 164)
+    # shorter side to 224 makes the image 299 px wide: the centre crop drops 37 px a side, the bands are 27 px
+    assert is_colour(rgb[mid, :3], GREEN) and is_colour(rgb[mid, -3:], GREEN)
+    assert is_colour(rgb[:15, mid], RED) and is_colour(rgb[-15:, mid], RED)  # top and bottom are kept
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_pad_keeps_the_whole_image_and_pads_with_the_mean_colour(name):
+    rgb, x, norm = encoder_input(name, resize="pad")
+    # 320x240 -> 224x168, centred: 28 rows of padding above and below
+    pad_rows = torch.cat([x[:, :28], x[:, -28:]], dim=1)
+    # the padding is the mean colour, so zero after Normalize up to the rounding of the mean to 8 bits
+    assert pad_rows.abs().max() <= 0.5 / 255 / min(norm.std) + 1e-6
+    mid_rows, mid_cols = slice(70, 154), slice(60, 164)
+    for band in (rgb[mid_rows, :20], rgb[mid_rows, -20:], rgb[30:44, mid_cols], rgb[-44:-30, mid_cols]):
+        assert is_colour(band, RED)
+    assert is_colour(rgb[70:154, 45:179], GREEN)
+
+
+def test_pad_survives_an_extremely_thin_image():
+    from captioner.encoders import spec_transform
+
+    transform = spec_transform(EncoderSpec(resize="pad"))
+    assert transform(Image.new("RGB", (2000, 1), RED)).shape == (3, 224, 224)
+
+
+def test_crop_mode_is_the_transform_of_specs_without_a_resize_mode():
+    """resize=crop is timm's centre-crop transform, unchanged; checkpoints that predate the field were trained
+    with it, so they load as crop."""
+    from captioner.encoders import spec_transform
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    timm_center = timm.data.create_transform(
+        **timm.data.resolve_data_config({"input_size": (3, 224, 224), "crop_pct": 1.0}, model=model), is_training=False)
+    assert repr(spec_transform(EncoderSpec(resize="crop"))) == repr(timm_center)
+    legacy = {k: v for k, v in EncoderSpec().to_dict().items() if k not in ("resize", "weights_sha256")}
+    assert EncoderSpec.from_checkpoint(legacy).resize == "crop"
+    assert EncoderSpec.from_checkpoint(EncoderSpec(resize="pad").to_dict()).resize == "pad"
+
+
+def test_each_resize_mode_has_its_own_feature_cache():
+    from captioner.encoders import spec_transform, transform_signature
+    from captioner.features import cache_key
+
+    keys = {mode: cache_key("shapes:x", "train", ["a", "b"], spec, transform_signature(spec_transform(spec)), False)
+            for mode in ("squash", "crop", "pad") for spec in [EncoderSpec(resize=mode)]}
+    assert len(set(keys.values())) == 3
