@@ -535,3 +535,36 @@ def test_layouts_and_registry(tmp_path):
         assert str(tmp_path / "missing") in str(err.value) and describe_layout(name) in str(err.value)
     with pytest.raises(ValueError):
         describe_layout("imagenet")
+
+
+@pytest.mark.parametrize("data", ["flickr8k_csv", "flickr30k", "coco", "csv"])
+def test_the_training_seed_never_moves_the_split(data):
+    """A `seed=0,1,2` sweep must evaluate on one test set: every seeded split takes data.split_seed (a constant
+    of the data), never the training seed."""
+    from omegaconf import OmegaConf
+
+    from captioner.config import compose
+
+    readers = [OmegaConf.to_container(compose([f"data={data}", f"seed={seed}"]).data, resolve=True)["reader"]
+               for seed in (0, 1, 7)]
+    assert readers[0] == readers[1] == readers[2] and readers[0]["seed"] == 0
+    moved = OmegaConf.to_container(compose([f"data={data}", "seed=1", "data.split_seed=5"]).data, resolve=True)
+    assert moved["reader"]["seed"] == 5  # the split moves only when asked, by its own key
+
+
+def test_flickr30k_takes_the_karpathy_split_when_its_json_is_present(tmp_path, caplog):
+    names = [f"{1000 + i}.jpg" for i in range(12)]
+    touch_images(tmp_path / "flickr30k_images", names)
+    write_lines(tmp_path / "results_20130124.token", [f"{n}#0\tA dog runs on the grass ." for n in names])
+    with caplog.at_level("WARNING"):
+        seeded = {r.key: r.split for r in read_flickr30k(tmp_path).records}
+    assert "NOT the Karpathy split" in caplog.text and len(seeded) == 12
+    splits = ["train"] * 6 + ["restval"] * 2 + ["val"] * 2 + ["test"]  # the last image is in no split
+    entries = [{"filename": n, "split": s, "sentences": [{"raw": "ignored"}]} for n, s in zip(names, splits)]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    ds = read_flickr30k(tmp_path)
+    got = {r.key: r.split for r in ds.records}
+    want = {f"flickr30k_images/{n}": "train" if s == "restval" else s for n, s in zip(names, splits)}
+    assert got == want
+    assert ds.skipped.counts[F.NOT_IN_KARPATHY] == 1
+    assert all(r.captions == ["A dog runs on the grass ."] for r in ds.records)  # captions from the token file

@@ -21,12 +21,15 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import logging
 import os
 import random
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from captioner.data.records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
+
+log = logging.getLogger(__name__)
 
 # --- skip reasons (one string each, so the summary groups them and tests can name them) -------------------------
 MISSING_IMAGE = "image file missing"
@@ -46,6 +49,7 @@ LISTED_TWICE = "image listed twice in split lists"
 SPLIT_CONFLICT = "image in two splits (first kept)"
 UNKNOWN_SPLIT = "unknown split value"
 RESTVAL_DROPPED = "restval image dropped"
+NOT_IN_KARPATHY = "image not in the Karpathy split JSON"
 UNKNOWN_IMAGE_ID = "annotation for unknown image_id"
 DUPLICATE_IMAGE_ID = "duplicate image id"
 IMAGE_WITHOUT_CAPTIONS = "image has no captions"
@@ -70,6 +74,7 @@ SKIP_HINTS = {
     SPLIT_CONFLICT: "give each image one split; the first one stated is used",
     UNKNOWN_SPLIT: "use train, val (valid, validation, dev) or test",
     RESTVAL_DROPPED: "set data.reader.restval=train to use these images",
+    NOT_IN_KARPATHY: "the Karpathy split leaves these images out, and so do the published scores",
     UNKNOWN_IMAGE_ID: "the annotation's image_id is not in the images list",
     DUPLICATE_IMAGE_ID: "the first entry with this id is used",
     IMAGE_WITHOUT_CAPTIONS: "harmless: an image without annotations is left out",
@@ -511,9 +516,11 @@ def read_flickr8k_csv(root, captions_file: str = "captions.txt", images_dir: str
 
 
 def read_flickr30k(root, captions_file: str = "results_20130124.token", images_dir: str = "flickr30k_images",
-                   seed: int = 0, split_sizes: tuple[int, int] = (29000, 1014)) -> CaptionDataset:
+                   seed: int = 0, split_sizes: tuple[int, int] = (29000, 1014),
+                   karpathy_json: str | None = "dataset_flickr30k.json") -> CaptionDataset:
     """Flickr30k from the token file, its `image_name| comment_number| comment` copy or an `image,caption` CSV
-    copy (detected from the first line), with a seeded split."""
+    copy (detected from the first line). The split is Karpathy's (the one published scores use) when
+    `karpathy_json` is in the root, else a seeded split of the same sizes, with a warning saying so."""
     src = _Source("flickr30k", root, captions_file=captions_file, images_dir=images_dir)
     lines = src.lines(captions_file)
     first = lines[0][1] if lines else ""
@@ -525,8 +532,35 @@ def read_flickr30k(root, captions_file: str = "results_20130124.token", images_d
         _add_rows(src, groups, _table_rows(src.report, lines, ("image", "caption")), images_dir)
     else:
         _add_rows(src, groups, _token_rows(src.report, lines), images_dir)
+    if karpathy_json is not None and (src.root / karpathy_json).is_file():
+        log.info("flickr30k: Karpathy split from %s", src.root / karpathy_json)
+        return src.finish(groups, _karpathy_splits(src, karpathy_json, images_dir), unsplit_reason=NOT_IN_KARPATHY)
+    log.warning("flickr30k: no %s in %s, so the split is a seeded %d/%d/rest one (split_seed=%d), NOT the Karpathy "
+                "split that published Flickr30k scores use: put Karpathy's dataset_flickr30k.json there to compare "
+                "with papers", karpathy_json, src.root, *split_sizes, seed)
     counts = flickr_split_counts(len(groups.captions), split_sizes, FLICKR30K_IMAGES)
     return src.finish(groups, seeded_split(groups.captions, seed, counts))
+
+
+def _karpathy_splits(src: _Source, json_file: str, images_dir: str) -> dict[str, str]:
+    """{key: split} of a Karpathy split JSON's entries (restval -> train, as the papers train); its sentences are
+    not read (the captions come from the caption file)."""
+    data = src.json(json_file)
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DatasetError(f'{src.fmt}: {src.root / json_file} has no "images" list (a Karpathy split JSON)')
+    split_of: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        where = f"{json_file}:images[{i}]"
+        stated = entry.get("split") if isinstance(entry, dict) else None
+        split = "train" if stated == "restval" else _SPLIT_ALIASES.get(stated) if isinstance(stated, str) else None
+        if split is None or not isinstance(entry.get("filename"), str):
+            src.report.skip(MALFORMED_ENTRY, where)
+            continue
+        key = src.key(images_dir, entry["filename"], where=where)
+        if key is not None:
+            split_of[key] = split
+    return split_of
 
 
 def _sentence_text(sentence):
