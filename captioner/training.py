@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: DictConfig) -> None:
+    check_encoder_not_swapped(cfg)
     family, feature = cfg.model.family, cfg.decoder.feature
     if family not in FAMILIES:
         raise ConfigError(f"model.family={family} is not one of {', '.join(FAMILIES)}")
@@ -42,6 +43,20 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"attention={cfg.attention.name} attends over spatial tokens, but decoder={cfg.decoder.name} consumes "
             "a pooled vector; use attention=none, or model=dino_attention / decoder=transformer")
+
+
+def check_encoder_not_swapped(cfg: DictConfig) -> None:
+    """The default experiment=shapes_offline puts the packaged EfficientNet-Lite0 in place of each model's own
+    encoder, which suits the offline shapes demo only: on real data it would silently train another model than the
+    one named, so it is refused with the ways out."""
+    if cfg.get("offline_encoder_swap") != cfg.encoder.name or cfg.data.format == "shapes":
+        return  # no swap, an encoder named on the command line, or the data the swap is for
+    raise ConfigError(
+        f"data={cfg.data.name} with the default experiment=shapes_offline would train model={cfg.model.name} on the "
+        f"packaged EfficientNet-Lite0 ({cfg.encoder.name}) instead of its own encoder: that swap is for the offline "
+        "shapes demo only. Add experiment=flickr8k, flickr30k or coco (the recipes of the published scores: split, "
+        "vocabulary, lengths, beam), or experiment=none (the model's own encoder, your settings), or "
+        "experiment=none encoder=efficientnet_lite0 to use Lite0 on purpose")
 
 
 def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
