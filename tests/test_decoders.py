@@ -175,13 +175,13 @@ def test_overfits_a_tiny_set(name):
     caps = torch.cat([torch.full((8, 1), SOS), words, torch.full((8, 1), EOS)], dim=1)
     opt = torch.optim.AdamW(dec.parameters(), lr=2e-3)
     first = None
-    for _ in range(300):
+    for _ in range(600):
         loss = F.cross_entropy(dec(feats, caps).flatten(0, 1), caps[:, 1:].flatten(), ignore_index=PAD)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.005 * first:
+        if loss.item() < 0.001 * first:
             break
     assert loss.item() < 0.1 * first
     dec.eval()
