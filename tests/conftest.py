@@ -28,3 +28,26 @@ def lite0():
     from captioner.encoders import EncoderSpec, FrozenEncoder
 
     return FrozenEncoder(EncoderSpec(name="efficientnet_lite0", weights="package"))
+
+
+def load_realistic_builder():
+    """tests/fixtures/realistic/build.py (the realistic Flickr8k fixture's builder and its data) as the module
+    `realistic_build`; tests/fixtures is no package, so it is loaded by path, once."""
+    import importlib.util
+    import sys
+
+    name = "realistic_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "fixtures" / "realistic" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def realistic_flickr8k(tmp_path_factory):
+    """Root of a small realistic dataset in the Flickr8k original-release layout (37 real photos of mixed sizes from
+    skimage.data, hand-written captions with punctuation and rare words, messy token-file lines), with the same data
+    as a Karpathy split JSON (dataset_flickr8k.json) in the same root. See tests/fixtures/realistic/build.py."""
+    return load_realistic_builder().build_realistic(tmp_path_factory.mktemp("realistic_flickr8k"))
