@@ -90,15 +90,19 @@ def test_checkpoint_records_the_resize_mode_and_inference_applies_it(tmp_path):
 def test_spec_records_the_files_sha256_hashing_it_once_per_file_version(weights_dir, tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     shutil.copy(weights_dir / "lite0.safetensors", path)
+    first = sha256(path)
     calls = []
-    real = encoders.hashlib.file_digest
-    monkeypatch.setattr(encoders.hashlib, "file_digest", lambda f, d: calls.append(f.name) or real(f, d))
+    real = encoders.hashlib.sha256
+    monkeypatch.setattr(encoders.hashlib, "sha256", lambda *a: calls.append(a) or real(*a))
     specs = [EncoderSpec(weights=str(path)) for _ in range(3)]
-    assert {s.weights_sha256 for s in specs} == {sha256(path)} and len(calls) == 1
+    assert {s.weights_sha256 for s in specs} == {first} and len(calls) == 1
     assert EncoderSpec(weights="package").weights_sha256 == ""
     with path.open("ab") as f:  # a new version of the file (size and mtime change) is hashed again
         f.write(b"\0")
-    assert EncoderSpec(weights=str(path)).weights_sha256 == sha256(path) and len(calls) == 2
+    second = EncoderSpec(weights=str(path)).weights_sha256
+    assert len(calls) == 2
+    monkeypatch.undo()
+    assert second == sha256(path) != first
 
 
 def test_feature_cache_key_follows_the_content_not_the_path(weights_dir, tmp_path):
