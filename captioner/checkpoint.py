@@ -21,7 +21,13 @@ class CheckpointError(RuntimeError):
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dict, loaded with `weights_only=True` (tensors and plain data only)."""
+    """The checkpoint's dict, loaded with `weights_only=True` (tensors and plain data only). Local files only: a URL
+    or other fsspec path is refused, since Lightning would unpickle such a file in full."""
+    if "://" in str(path):
+        raise CheckpointError(
+            f"{path}: checkpoints are loaded from local files only, where they are checked to hold plain data "
+            "(a remote checkpoint would be unpickled in full, which can run code). Download it and pass the local "
+            "path")
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (a run's checkpoints are in <run dir>/checkpoints/)")

@@ -137,6 +137,7 @@ def train(cfg: DictConfig) -> float:
     check_config(cfg)
     keep_freed_memory()  # no page faults for the same activations every step (captioner/memory.py)
     run_dir = run_directory(cfg)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)
     if "offline" in str(cfg.run_name):
         log.info("experiment=shapes_offline: %s runs with the packaged EfficientNet-Lite0 in place of its own "
@@ -156,10 +157,6 @@ def train(cfg: DictConfig) -> float:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - t0
@@ -200,6 +197,20 @@ def train(cfg: DictConfig) -> float:
     print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f} (caption prior {baseline:.4f}), "
           f"CIDEr {test['cider']:.3f} -> {run_dir}")
     return sweep_value
+
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The local checkpoint file to resume from (`last`: this run dir's last.ckpt, when there is one), checked to
+    hold plain data before Lightning loads it: a checkpoint can carry a pickled payload that runs code when
+    unpickled, and Lightning unpickles remote (URL, fsspec) checkpoints in full, so those are refused."""
+    from .checkpoint import read_checkpoint
+
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    if ckpt_path is not None:
+        read_checkpoint(ckpt_path)  # raises CheckpointError for a URL, a missing file or a pickled payload
+    return ckpt_path
 
 
 def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,

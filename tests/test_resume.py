@@ -58,3 +58,34 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(tmp_pa
 def _last_val_loss(run_dir):
     rows = [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("val/loss")]
     return float(rows[-1]["val/loss"])
+
+
+def test_resume_loads_checkpoints_as_data_only(tmp_path):
+    """train.py ckpt_path=... (resume): a URL / fsspec path is refused (Lightning would unpickle it in full), and a
+    local file carrying a pickled payload is refused before Lightning sees it; the payload never runs."""
+    import torch
+
+    from captioner.checkpoint import CheckpointError
+    from captioner.training import resume_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
+    for path in (f"file://{evil}", "http://127.0.0.1:9/x.ckpt", f"memory://{evil}"):
+        with pytest.raises(CheckpointError, match="local files only"):
+            resume_checkpoint(path, tmp_path)
+    with pytest.raises(CheckpointError, match="refused"):
+        resume_checkpoint(str(evil), tmp_path)
+    assert not marker.exists()
+    assert resume_checkpoint("last", tmp_path) is None  # no last.ckpt in this run dir: a fresh start
+    # as a user runs it: refused before any data or model is built, nothing run
+    env = dict(os.environ, CAPTIONER_ROOT=str(tmp_path), WANDB_MODE="disabled")
+    r = subprocess.run([sys.executable, "train.py", f"ckpt_path=file://{evil}", "logger=csv",
+                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "local files only" in r.stderr and not marker.exists()
