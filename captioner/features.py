@@ -142,8 +142,9 @@ class FeatureCache:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Temp file + fsync + rename: readers and a run after a crash see the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
+    tmp.unlink(missing_ok=True)  # a left-over temp file, or a planted link: never written through
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -222,7 +223,9 @@ def _open_array(path: Path, shape: tuple[int, ...], create: bool) -> np.memmap:
     existing one with its header rewritten and its size set to what the shape needs (repairing a damaged file's
     layout; the damaged rows are then re-extracted by the caller)."""
     header = _npy_header(shape)
-    with open(path, "wb" if create or not path.exists() else "r+b") as f:
+    # O_NOFOLLOW: a cache file replaced by a symbolic link is never written through (it could point anywhere)
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if create or not path.exists() else 0)
+    with os.fdopen(os.open(path, flags, 0o666), "r+b") as f:
         f.write(header)
         f.truncate(len(header) + shape[0] * _row_bytes(shape))
     return _map_array(path, shape, "r+")
@@ -649,10 +652,25 @@ def _open_or_build(cache_dir: Path, key: str, records: Sequence[CaptionRecord],
     return cache
 
 
+def _remove_entry(final: Path) -> None:
+    """Delete a cache entry; links are unlinked, not followed (rmtree refuses a link, and skips into none)."""
+    if final.is_symlink():
+        final.unlink()
+    else:
+        shutil.rmtree(final)
+
+
 def _open_or_repair(final: Path, records: Sequence[CaptionRecord], get_encoder: Callable[[], FrozenEncoder],
                     label: str, num_workers: int, progress: bool, device) -> bool:
     """True when `final` holds a verified cache of these records (repairing damaged chunks first); False when it
     must be built (absent, or damaged beyond repair: then it is removed)."""
+    if final.is_symlink() or (final.is_dir() and any(p.is_symlink() for p in final.iterdir())):
+        # a cache is only ever written by this module, as plain files: a link in it is damage, and repairing
+        # through it would overwrite whatever it points to
+        log.warning("feature cache %s is or holds a symbolic link: removed (the links only, never their targets) "
+                    "and built again", final)
+        _remove_entry(final)
+        return False
     if not final.exists():
         return False
     try:
@@ -666,7 +684,7 @@ def _open_or_repair(final: Path, records: Sequence[CaptionRecord], get_encoder: 
             _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device)
             FeatureCache.open(final)  # verified again: damage that persists is an error
             return True
-        shutil.rmtree(final)
+        _remove_entry(final)
         return False
 
 

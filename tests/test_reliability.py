@@ -417,6 +417,29 @@ def test_corrupted_chunk_is_detected_and_only_its_rows_rebuilt(clip, reference, 
     FeatureCache.open(repaired.path)  # verifies clean
 
 
+def test_a_cache_file_replaced_by_a_link_is_never_written_through(clip, reference, lite0, tmp_path):
+    """Security: a cache array swapped for a symbolic link to another file (here a truncated copy, which the repair
+    used to open read-write and overwrite) is treated as damage: the entry is rebuilt, the link's target and the
+    manifest's temp files untouched; and no cache write follows a planted link."""
+    from captioner.features import _atomic_write_text
+
+    path = copy_reference(reference, tmp_path)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes((path / "spatial.npy").read_bytes()[:-1000])  # looks like a truncated cache array
+    before = victim.read_bytes()
+    (path / "spatial.npy").unlink()
+    (path / "spatial.npy").symlink_to(victim)
+    repaired = extract(lite0, clip, tmp_path / "cache")
+    assert victim.read_bytes() == before
+    assert not (repaired.path / "spatial.npy").is_symlink() and digests(repaired.path) == reference[1]
+    planted = tmp_path / "planted.json"
+    planted.write_text("keep")
+    target = tmp_path / "manifest.json"
+    (tmp_path / f".manifest.json.{os.getpid()}.tmp").symlink_to(planted)  # the temp name a writer will use
+    _atomic_write_text(target, "{}")
+    assert planted.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()
+
+
 def test_unchanged_cache_is_not_rehashed_but_a_rewritten_one_is(reference, tmp_path, monkeypatch):
     """The cheap path: a file unchanged (size, mtime, inode) since a trusted verification is not hashed again."""
     import captioner.features as features
