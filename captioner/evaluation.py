@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_captioner
 from .encoders import EncoderSpec, relocate_weights
+from .files import atomic_write_text
 from .training import (ConfigError, build_datamodule, instantiate_trainer, prepare_distributed_launch, run_directory,
                        write_predictions)
 
@@ -82,6 +83,12 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError("eval.py needs ckpt_path=PATH (a .ckpt in a run's checkpoints/ folder)")
     run_dir = run_directory(cfg)
+    taken = [name for name in ("metrics.json", "predictions.jsonl") if (run_dir / name).exists()]
+    if taken and not cfg.get("overwrite"):
+        raise ConfigError(
+            f"{run_dir} already holds {' and '.join(taken)} (a training run's, or an earlier evaluation's): eval.py "
+            "writes its own there and would replace them. Give it a directory of its own (hydra.run.dir=...), or "
+            "pass overwrite=true to replace them")
     L.seed_everything(cfg.seed, workers=True)
 
     model = load_captioner(cfg.ckpt_path)
@@ -114,7 +121,7 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     if not trainer.is_global_zero:  # DDP ranks 1..: the same (whole-split) results; rank 0 writes them
         return metrics
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
     res = model.test_results
     print(f"[captioner] eval {metrics['model']} on {cfg.data.name}/{dm.test_split} (beam {model.decode_cfg['beam_size']}):"

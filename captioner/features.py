@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.records import CaptionRecord
 from .encoders import EncoderSpec, FrozenEncoder, spec_transform, split_transform, transform_signature
+from .files import atomic_write_text, fsync_dir
 from .images import ImageReadError, load_image
 
 try:
@@ -138,36 +139,6 @@ class FeatureCache:
 
 
 # --- files: atomic JSON, .npy arrays, checksums -------------------------------------------------------------------
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file + fsync + rename: readers and a run after a crash see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
-    tmp.unlink(missing_ok=True)  # a left-over temp file, or a planted link: never written through
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (a power cut could otherwise undo it); not possible on every OS/filesystem."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _read_json(path: Path) -> dict | None:
     """A JSON object, or None when the file is missing or unreadable."""
@@ -307,7 +278,7 @@ def _check_arrays(path: Path, manifest: dict) -> tuple[list[str], list[int] | No
             new_stamp[name] = signature + [time.time_ns()]
     if not problems and new_stamp != stamp:
         try:
-            _atomic_write_text(path / STAMP, json.dumps(new_stamp))
+            atomic_write_text(path / STAMP, json.dumps(new_stamp))
         except OSError:  # a read-only cache (shared disk): it is simply verified again next time
             pass
     if problems and all_chunks is None:
@@ -513,7 +484,7 @@ def _plan(partial: Path, n: int, shapes: dict[str, tuple[int, ...]], batch_size:
         plan = {"n": n, "shapes": {k: list(v) for k, v in shapes.items()}, "batch_size": batch_size,
                 "chunk_rows": batch_size * flush_every}
     plan["done"] = {str(c): v for c, v in sorted(done.items())}
-    _atomic_write_text(partial / "plan.json", json.dumps(plan))
+    atomic_write_text(partial / "plan.json", json.dumps(plan))
     for f in partial.glob("progress.*.json"):  # what they recorded (and still holds) is in plan.json now
         f.unlink()
     return plan
@@ -544,7 +515,7 @@ def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder
         _flush(arrays)
         recorded[str(a // plan["chunk_rows"])] = {
             "digests": {name: _digest(array[a:b]) for name, array in arrays.items()}, "failed": failed}
-        _atomic_write_text(progress_file, json.dumps({"chunks": recorded}))
+        atomic_write_text(progress_file, json.dumps({"chunks": recorded}))
 
     if group.world > 1:
         log.info("rank %d of %d extracts %d of the %d chunks of %s still to do", group.rank, group.world,
@@ -573,10 +544,10 @@ def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder
             "chunks": {name: [done[c]["digests"][name] for c in range(len(ranges))] for name in shapes},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _atomic_write_text(partial / "manifest.json", json.dumps(manifest))
+        atomic_write_text(partial / "manifest.json", json.dumps(manifest))
         # A kill between these lines leaves a complete .partial/ with its progress: the next run only renames it.
         os.replace(partial, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         for f in [final / "plan.json", *final.glob("progress.*.json")]:
             f.unlink(missing_ok=True)
     group.barrier()  # the other ranks open `final` only after the rename
@@ -617,7 +588,7 @@ def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], enc
         log.warning("re-extracted %s differ bit-wise from the original extraction (another torch version or "
                     "device?); the manifest now records their new checksums", ", ".join(changed[:5]))
     manifest["failed"] = {r.key: failed[r.key] for r in records if r.key in failed}
-    _atomic_write_text(path / "manifest.json", json.dumps(manifest))
+    atomic_write_text(path / "manifest.json", json.dumps(manifest))
 
 
 def _warn_failed(cache: FeatureCache, label: str) -> None:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import resolve_device, resolve_extraction_workers, resolve_precision
 from .data.datamodule import CaptionDataModule
+from .files import atomic_write_text
 from .memory import keep_freed_memory
 from .models import FAMILIES
 
@@ -186,7 +187,7 @@ def train(cfg: DictConfig) -> float:
         "best_checkpoint": best, "run_dir": str(run_dir), "seed": cfg.seed,
         "data_stats": {k: v for k, v in dm.stats.items()},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
     for lg in loggers:
         lg.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
@@ -256,11 +257,9 @@ def _epoch_of(path: str | None) -> int | None:
 def write_predictions(path: Path, dm: CaptionDataModule, predictions: list[dict]) -> None:
     """predictions.jsonl: one line per evaluated image (image key and path, hypothesis, references)."""
     records = dm.records[dm.test_split]
-    with open(path, "w") as f:
-        for p in predictions:
-            record = records[p["index"]]
-            f.write(json.dumps({"image": record.key, "image_path": str(record.image),
-                                "hypothesis": p["hypothesis"], "references": p["references"]}) + "\n")
+    lines = (json.dumps({"image": records[p["index"]].key, "image_path": str(records[p["index"]].image),
+                         "hypothesis": p["hypothesis"], "references": p["references"]}) + "\n" for p in predictions)
+    atomic_write_text(path, "".join(lines))
 
 
 def _finish_wandb(loggers) -> None:

@@ -57,6 +57,19 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     assert m["decode"]["beam_size"] == 3 and m["split"] == "val" and 0 <= m["test"]["bleu_4"] <= 1
 
 
+def test_eval_never_overwrites_another_commands_outputs_unless_told(attention_run, tmp_path):
+    root, run_dir = attention_run
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "predictions.jsonl")}
+    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, f"hydra.run.dir={run_dir}"], root)
+    assert r.returncode != 0 and "overwrite=true" in r.stderr and "hydra.run.dir" in r.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    out = tmp_path / "eval"
+    for _ in range(2):  # a second evaluation into its own earlier dir needs the same consent
+        r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "overwrite=true", f"hydra.run.dir={out}"], root)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["images"] == 10
+
+
 def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run):
     root, run_dir = attention_run
     r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "encoder=resnet50",

@@ -28,7 +28,8 @@ from captioner import images
 from captioner.data.formats import SKIP_HINTS, read_csv, read_flickr8k, read_flickr8k_csv, read_flickr30k
 from captioner.data import formats as F
 from captioner.data.records import CaptionRecord
-from captioner.features import (SOLO, CacheDamagedError, ExtractionGroup, FeatureCache, _atomic_write_text,
+from captioner.files import atomic_write_text
+from captioner.features import (SOLO, CacheDamagedError, ExtractionGroup, FeatureCache,
                                 _recorded_chunks, extract_features)
 from captioner.images import ImageReadError, load_image
 
@@ -372,14 +373,14 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
     """Protection: progress/manifest files are written to a temp file and renamed; a crash mid-write (here: the
     fsync fails) leaves the previous content, never a truncated JSON."""
     target = tmp_path / "progress.json"
-    _atomic_write_text(target, json.dumps({"done": 16}))
+    atomic_write_text(target, json.dumps({"done": 16}))
 
     def failing_fsync(fd):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space"):
-        _atomic_write_text(target, json.dumps({"done": 24, "chunks": ["x" * 1000]}))
+        atomic_write_text(target, json.dumps({"done": 24, "chunks": ["x" * 1000]}))
     assert json.loads(target.read_text()) == {"done": 16}
     assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temp file left behind
 
@@ -421,8 +422,6 @@ def test_a_cache_file_replaced_by_a_link_is_never_written_through(clip, referenc
     """Security: a cache array swapped for a symbolic link to another file (here a truncated copy, which the repair
     used to open read-write and overwrite) is treated as damage: the entry is rebuilt, the link's target and the
     manifest's temp files untouched; and no cache write follows a planted link."""
-    from captioner.features import _atomic_write_text
-
     path = copy_reference(reference, tmp_path)
     victim = tmp_path / "victim.bin"
     victim.write_bytes((path / "spatial.npy").read_bytes()[:-1000])  # looks like a truncated cache array
@@ -436,7 +435,11 @@ def test_a_cache_file_replaced_by_a_link_is_never_written_through(clip, referenc
     planted.write_text("keep")
     target = tmp_path / "manifest.json"
     (tmp_path / f".manifest.json.{os.getpid()}.tmp").symlink_to(planted)  # the temp name a writer will use
-    _atomic_write_text(target, "{}")
+    atomic_write_text(target, "{}")
+    assert planted.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()
+    target.unlink()
+    target.symlink_to(planted)  # e.g. a run's metrics.json replaced by a link: replaced in turn, not followed
+    atomic_write_text(target, "{}")
     assert planted.read_text() == "keep" and target.read_text() == "{}" and not target.is_symlink()
 
 
