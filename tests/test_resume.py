@@ -83,9 +83,28 @@ def test_resume_loads_checkpoints_as_data_only(tmp_path):
         resume_checkpoint(str(evil), tmp_path)
     assert not marker.exists()
     assert resume_checkpoint("last", tmp_path) is None  # no last.ckpt in this run dir: a fresh start
-    # as a user runs it: refused before any data or model is built, nothing run
+    # as a user runs it, with the payload really served on 127.0.0.1: refused before any data or model is built,
+    # nothing fetched, nothing run
+    import functools
+    import http.server
+    import threading
+
+    fetched = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            fetched.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     env = dict(os.environ, CAPTIONER_ROOT=str(tmp_path), WANDB_MODE="disabled")
-    r = subprocess.run([sys.executable, "train.py", f"ckpt_path=file://{evil}", "logger=csv",
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0 and "local files only" in r.stderr and not marker.exists()
+    try:
+        for url in (f"http://127.0.0.1:{server.server_port}/evil.ckpt", f"file://{evil}"):
+            r = subprocess.run([sys.executable, "train.py", f"ckpt_path={url}", "logger=csv",
+                                f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode != 0 and "local files only" in r.stderr and not marker.exists(), url
+    finally:
+        server.shutdown()
+    assert fetched == [] and not (tmp_path / "run" / "metrics.json").exists()
