@@ -28,17 +28,24 @@ from .ptb_tokenizer import ptb_tokenize
 log = logging.getLogger(__name__)
 
 
+def _tokenized(texts: Sequence[str], tokenizer: str | None) -> list[str]:
+    return list(texts) if tokenizer is None else ptb_tokenize(texts, backend=tokenizer)
+
+
+def _tokenized_references(references: Sequence[Sequence[str]], tokenizer: str | None) -> dict[int, list[str]]:
+    rest = iter(_tokenized([r for refs in references for r in refs], tokenizer))
+    return {i: [next(rest) for _ in refs] for i, refs in enumerate(references)}
+
+
 def evaluation_texts(hypotheses: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str | None = "auto"):
-    """pycocoevalcap's inputs: ({i: [tokenised references]}, {i: [tokenised hypothesis]}), all texts tokenised in
-    one call (one JVM start with Java)."""
+    """pycocoevalcap's inputs: ({i: [tokenised references]}, {i: [tokenised hypothesis]}). References and
+    hypotheses are tokenised in two calls, in image order, as pycocoevalcap tokenises them: the PTB lexer reads a
+    call's captions as one text, so a caption's last token can depend on the caption after it."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
-    texts = [*hypotheses, *(r for refs in references for r in refs)]
-    tokens = list(texts) if tokenizer is None else ptb_tokenize(texts, backend=tokenizer)
-    hyps, rest = tokens[:len(hypotheses)], iter(tokens[len(hypotheses):])
-    gts = {i: [next(rest) for _ in refs] for i, refs in enumerate(references)}
+    gts = _tokenized_references(references, tokenizer)
     # pycocoevalcap's scorers choke on an empty hypothesis string; a lone space scores like an empty caption
-    res = {i: [h or " "] for i, h in enumerate(hyps)}
+    res = {i: [h or " "] for i, h in enumerate(_tokenized(hypotheses, tokenizer))}
     return gts, res
 
 
@@ -109,7 +116,7 @@ def cook_references(references: Sequence[Sequence[str]], n: int = 4, tokenizer: 
     `bleu_stats(..., cooked=)` when many hypothesis sets are scored against the same references."""
     from pycocoevalcap.bleu.bleu_scorer import cook_refs
 
-    gts, _ = evaluation_texts([""] * len(references), references, tokenizer)
+    gts = _tokenized_references(references, tokenizer)
     return [cook_refs(gts[i], n=n) for i in gts]
 
 

@@ -227,10 +227,12 @@ def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candi
 
     if not predictions:
         return 0.0
-    train = [r.captions for r in dm.records["train"]]
-    test = [p["references"] for p in predictions]
-    tokens = iter(ptb_tokenize([c for refs in train + test for c in refs], backend=tokenizer))
-    train, test = ([[next(tokens) for _ in refs] for refs in group] for group in (train, test))
+    def tokenized(groups: list[list[str]]) -> list[list[str]]:  # each set in its own call, as metrics does
+        tokens = iter(ptb_tokenize([c for refs in groups for c in refs], backend=tokenizer))
+        return [[next(tokens) for _ in refs] for refs in groups]
+
+    train = tokenized([r.captions for r in dm.records["train"]])
+    test = tokenized([p["references"] for p in predictions])
     pool = [c for c, _ in Counter(c for refs in train for c in refs).most_common(candidates)]
     fit = train[:fit_images]
     # The same corpus BLEU-4 as caption_metrics, from sufficient statistics with the references cooked once: a full

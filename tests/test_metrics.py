@@ -87,6 +87,19 @@ def test_metrics_equal_the_official_coco_caption_evaluation(tokenizer):
     assert 0 < ours["bleu_4"] < ours["bleu_1"] < 1
 
 
+@needs_java
+@pytest.mark.parametrize("tokenizer", ["java", "python"])
+def test_hypotheses_and_references_are_tokenised_apart_as_pycocoevalcap_does(tokenizer):
+    """The PTB lexer reads one call's captions as one text: the last hypothesis's "A." keeps its period only when
+    no reference starting "A ..." follows it in the same call. pycocoevalcap tokenises the two sets apart."""
+    hyps = ["a dog", "a sign with the letter A."]
+    refs = [["A dog runs.", "a brown dog"], ["A sign with a big letter A on it.", "A sign"]]
+    official = official_scores(hyps, refs, meteor=False)
+    ours = caption_metrics(hyps, refs, meteor=False, tokenizer=tokenizer)
+    for name, value in official.items():
+        assert ours[name] == pytest.approx(value, abs=1e-9), name
+
+
 def test_unk_is_one_token_at_validation_and_test():
     """With decode.suppress_unk=false a caption may hold <unk>: validation and test score it alike, as one
     token that matches no reference word."""
