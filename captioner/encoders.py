@@ -41,10 +41,12 @@ import torch
 from torch import nn
 from torchvision import transforms
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(UserError, RuntimeError):
     """Weights cannot be had or do not fit the encoder; the message says what to do instead."""
 
 

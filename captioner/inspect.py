@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from .config import command_main
 from .data import SPLITS, load_dataset
-from .data.vocabulary import Vocabulary, tokenize
+from .data.vocabulary import build_vocabulary, tokenize
 
 
 def inspect(cfg: DictConfig) -> int:
@@ -26,7 +26,7 @@ def inspect(cfg: DictConfig) -> int:
     print(dataset.skipped.summary())
 
     train_caps = [c for r in dataset.split("train") for c in r.captions]
-    vocab = Vocabulary.build(train_caps, cfg.text.min_word_count)
+    vocab = build_vocabulary(train_caps, cfg.text.min_word_count)
     lengths = np.array([len(tokenize(c)) for c in train_caps]) if train_caps else np.zeros(1)
     unk = sum(t not in vocab.stoi for c in train_caps for t in tokenize(c))
     print(f"vocabulary: {len(vocab)} tokens (words seen >= {cfg.text.min_word_count} times in train, 4 specials); "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,28 @@ def realistic_flickr8k(tmp_path_factory):
     skimage.data, hand-written captions with punctuation and rare words, messy token-file lines), with the same data
     as a Karpathy split JSON (dataset_flickr8k.json) in the same root. See tests/fixtures/realistic/build.py."""
     return load_realistic_builder().build_realistic(tmp_path_factory.mktemp("realistic_flickr8k"))
+
+
+@contextmanager
+def counting(encoder):
+    """The sizes of the batches `encoder` is run on within the block (a list)."""
+    seen: list[int] = []
+    original = encoder.forward
+    encoder.forward = lambda x: (seen.append(int(x.shape[0])), original(x))[1]
+    try:
+        yield seen
+    finally:
+        del encoder.forward
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """Files of this process cannot grow past `limit` bytes: writes fail with EFBIG, as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

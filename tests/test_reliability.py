@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import counting
 
 from captioner import images
 from captioner.data.formats import SKIP_HINTS, read_csv, read_flickr8k, read_flickr8k_csv, read_flickr30k
@@ -38,18 +39,6 @@ WORKER_TIMEOUT = 120
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-
-@contextmanager
-def counting(encoder):
-    """Count the images the encoder is run on (a list of batch sizes)."""
-    seen: list[int] = []
-    original = encoder.forward
-    encoder.forward = lambda x: (seen.append(int(x.shape[0])), original(x))[1]
-    try:
-        yield seen
-    finally:
-        del encoder.forward
-
 
 def digests(path: Path) -> dict[str, str]:
     return {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in ("global.npy", "spatial.npy")}

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..encoders import EncoderSpec
 from ..features import ExtractionGroup, FeatureCache, prepare_features, worker_context
 from . import dataset_id, load_dataset
-from .records import SPLITS, CaptionDataset, CaptionRecord
-from .vocabulary import Vocabulary, encode_captions, tokenize
+from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError
+from .vocabulary import Vocabulary, build_vocabulary, encode_captions, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +258,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     # -- building ------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate/read the dataset and build any missing feature cache. Lightning calls this on one process per
-        node; under DDP it only generates/reads the dataset, and `setup` (every rank) shares the extraction."""
-        if ExtractionGroup.from_torch_distributed().world > 1:
-            self._dataset()
-        else:
-            self._load()
+        """Generate/read the dataset (Lightning calls this on one process per node). Features are prepared in
+        `setup`, which knows the stage: training reads all three splits, an evaluation only the one it scores, so
+        a dataset that lacks a split the stage needs is refused before anything is extracted."""
+        self._dataset()
 
     def _dataset(self) -> CaptionDataset:
         if self.dataset is None:
@@ -272,27 +270,55 @@ class CaptionDataModule(L.LightningDataModule):
                 log.warning(self.dataset.skipped.summary())
         return self.dataset
 
-    def _load(self) -> None:
-        if self.caches:
+    def _load(self, splits: tuple[str, ...]) -> None:
+        """Open (building as needed) the feature caches of `splits`; every DDP rank shares a build."""
+        missing = [s for s in splits if s not in self.caches]
+        if not missing:
             return
         dataset = self._dataset()
-        by_split = {s: dataset.split(s) for s in SPLITS}
-        self.caches = prepare_features(
-            by_split, self.encoder_spec, self.cache_dir, dataset_id(dataset), spatial=self.feature == "spatial",
-            progress=self.progress, group=ExtractionGroup.from_torch_distributed(), **self.extraction)
+        self.caches.update(prepare_features(
+            {s: dataset.split(s) for s in missing}, self.encoder_spec, self.cache_dir, dataset_id(dataset),
+            spatial=self.feature == "spatial", progress=self.progress, group=ExtractionGroup.from_torch_distributed(),
+            **self.extraction))
+
+    def _splits_for(self, stage: str | None) -> tuple[str, ...]:
+        """The splits a stage reads: fitting all three (val picks the checkpoint, test scores it at the end), an
+        evaluation its own split, plus train while there is no vocabulary to build the captions' ids with."""
+        if stage in ("test", "predict"):
+            needed = (self.test_split,)
+        elif stage == "validate":
+            needed = ("val",)
+        else:
+            return SPLITS
+        return needed if self.vocab is not None else ("train", *needed)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        splits = self._splits_for(stage)
+        if all(s in self.splits for s in splits):
             return
-        self._load()
-        for split, cache in self.caches.items():
-            usable = [r for r in self.dataset.split(split) if r.key not in cache.failed]
-            self.records[split] = usable
+        dataset = self._dataset()
+        self._refuse_empty_splits(splits, {s: len(dataset.split(s)) for s in SPLITS}, stage)
+        if self.vocab is None:  # a min_word_count that cannot work is refused before any extraction
+            build_vocabulary((c for r in dataset.split("train") for c in r.captions), self.min_word_count)
+        self._load(splits)
+        for split in splits:
+            cache = self.caches[split]
+            self.records[split] = [r for r in dataset.split(split) if r.key not in cache.failed]
             self.stats[f"{split}_unreadable_images"] = len(cache.failed)
-        train = self.records["train"]
+        self._refuse_empty_splits(splits, {s: len(r) for s, r in self.records.items()}, stage, after_skips=True)
         if self.vocab is None:
-            self.vocab = Vocabulary.build((c for r in train for c in r.captions), self.min_word_count)
-        # one row per training caption
+            self.vocab = build_vocabulary((c for r in self.records["train"] for c in r.captions), self.min_word_count)
+        feats = {s: _FeatureRows(self.caches[s], self.feature) for s in splits}
+        if "train" in splits:
+            self.splits["train"] = self._training_pairs(feats["train"])
+        for split in ("val", "test"):
+            if split in splits:
+                self.splits[split] = CaptionImages(feats[split], self._rows(split), self.records[split], self.vocab,
+                                                   self.max_length)
+
+    def _training_pairs(self, features: _FeatureRows) -> CaptionPairs:
+        """One row per training caption, tokenized once into a padded array."""
+        train = self.records["train"]
         captions = [c for r in train for c in r.captions]
         ids, truncated = encode_captions(self.vocab, captions, self.max_length)
         self.stats["truncated_train_captions"] = truncated
@@ -303,13 +329,58 @@ class CaptionDataModule(L.LightningDataModule):
         lengths = np.array([len(x) for x in ids], dtype=np.int32)
         for i, x in enumerate(ids):
             tokens[i, : len(x)] = x
-        train_rows = self._rows("train")
-        pair_rows = np.repeat(train_rows, [len(r.captions) for r in train])
-        feats = {s: _FeatureRows(c, self.feature) for s, c in self.caches.items()}
-        self.splits["train"] = CaptionPairs(feats["train"], pair_rows, tokens, lengths)
-        for split in ("val", "test"):
-            self.splits[split] = CaptionImages(feats[split], self._rows(split), self.records[split], self.vocab,
-                                               self.max_length)
+        pair_rows = np.repeat(self._rows("train"), [len(r.captions) for r in train])
+        return CaptionPairs(features, pair_rows, tokens, lengths)
+
+    # -- refusing a dataset the stage cannot use ----------------------------------------------------------
+    def _refuse_empty_splits(self, splits: tuple[str, ...], counts: dict[str, int], stage: str | None,
+                             after_skips: bool = False) -> None:
+        """DatasetError when a split the stage reads has no (usable) image: naming the split, every split's
+        images, and the fix for this dataset's format. Without it training would crash at its end (no val/bleu_4
+        to stop early on, no test score) or evaluate nothing."""
+        empty = [s for s in splits if not counts.get(s)]
+        if not empty:
+            return
+        dataset = self._dataset()
+        sizes = ", ".join(f"{s} {counts.get(s, len(dataset.split(s)))}" for s in SPLITS)
+        names = " and ".join(empty)
+        problem = (f"dataset {dataset.name} ({dataset.root}): the {names} split{'s have' if len(empty) > 1 else ' has'}"
+                   f" no usable image ({sizes} images)")
+        if after_skips:
+            problem += ": " + "; ".join(f"all {len(dataset.split(s))} image(s) of {s} could not be read (first: "
+                                        f"{next(iter(self.caches[s].failed.values()), '?')})" for s in empty)
+            fix = "Fix or replace those images (the warning above lists them); a fixed image is used by the next run"
+        else:
+            fix = self._split_fix(dataset, empty)
+        if stage in ("test", "predict", "validate"):
+            scored = splits[-1]
+            need = f"This evaluation scores the {scored} split (split={scored})" + (
+                ", and builds its vocabulary from train's captions" if "train" in splits else "")
+            fix += "; or evaluate another split (split=val or split=test)"
+        else:
+            need = "Training needs images in all three splits (val picks the best checkpoint, test scores it)"
+        raise DatasetError(f"{problem}. {need}. {fix}")
+
+    def _split_fix(self, dataset: CaptionDataset, empty: list[str]) -> str:
+        """What gives the `empty` splits images, in this dataset format's own terms."""
+        fmt, reader = self.data_cfg.get("format"), dict(self.data_cfg.get("reader") or {})
+        if fmt == "shapes":
+            return "Set " + " and ".join(f"data.num_{s}" for s in empty) + " to 1 or more"
+        if fmt == "csv":
+            file = Path(dataset.root) / str(reader.get("file", "captions.csv"))
+            return ("Add rows with " + " and ".join(f"split={s}" for s in empty) + f" to {file}, or leave the split "
+                    "column out (or empty for some images) so that those images get a seeded 80/10/10 split "
+                    "(data.split_seed)")
+        if fmt == "flickr8k" or (fmt == "flickr8k_csv" and reader.get("split_files")):
+            return ("List images in the split file of " + " and ".join(empty) + " (data.reader.split_files), and "
+                    "check that they are in the caption file")
+        if fmt == "karpathy":
+            return (f'Give images "split": "{empty[0]}" in {Path(dataset.root) / str(reader.get("json_file", ""))}'
+                    " (data.reader.json_file)")
+        if fmt == "coco" and "train" not in empty:
+            return "val and test are the two halves of val2017: check data.reader.val_json and its images"
+        return ("A seeded split gives each split images once the dataset has 3 or more usable images: check "
+                "data.root and the skip summary above")
 
     def _rows(self, split: str) -> np.ndarray:
         row_of = self.caches[split].row()
@@ -318,11 +389,11 @@ class CaptionDataModule(L.LightningDataModule):
     # -- properties the models need -----------------------------------------------------------------------
     @property
     def feature_dim(self) -> int:
-        return self.caches["train"].dim
+        return next(iter(self.caches.values())).dim  # every split's cache comes from the same encoder
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.caches["train"].grid
+        return next(iter(self.caches.values())).grid
 
     def scenes(self, split: str) -> list[dict] | None:
         """Shapes-world scenes of a split, in dataset order (None for real datasets)."""

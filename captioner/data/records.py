@@ -10,10 +10,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset cannot be used at all (missing root, no usable image). The message says what to fix."""
 
 

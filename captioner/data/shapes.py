@@ -20,11 +20,14 @@ Public API: `OBJECT_VOCAB` (and SHAPES/COLOURS/SIZES/RELATIONS), `generate_scene
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import shutil
 import socket
+import stat
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,8 +37,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import NO_PERMISSION, NO_SPACE, DiskFullError
+from ..files import atomic_write_bytes, atomic_write_text
 from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
 from .vocabulary import tokenize
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary of the world
@@ -386,13 +393,18 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 224,
     The scene is drawn first, then two sub-seeds for rendering and captions, so the captions do not depend on
     the image size and the image does not depend on the number of captions.
     """
+    scene, render_seed, captions = _draw_example(seed, split, index, captions_per_image)
+    image = render_scene(scene, image_size, np.random.default_rng(render_seed))
+    return scene, image, captions
+
+
+def _draw_example(seed: int, split: str, index: int, captions_per_image: int) -> tuple[Scene, int, list[str]]:
+    """Scene, rendering seed and captions of an example: everything but the (costly) image."""
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
     scene = generate_scene(rng)
     render_seed, caption_seed = (int(s) for s in rng.integers(0, 2**63 - 1, size=2))
-    image = render_scene(scene, image_size, np.random.default_rng(render_seed))
     crng = np.random.default_rng(caption_seed)
-    captions = [describe_scene(scene, crng) for _ in range(int(captions_per_image))]
-    return scene, image, captions
+    return scene, render_seed, [describe_scene(scene, crng) for _ in range(int(captions_per_image))]
 
 
 def shapes_folder_name(num_train: int, num_val: int, num_test: int, seed: int, image_size: int,
@@ -435,7 +447,10 @@ def build_shapes(root: str | Path, num_train: int = 3000, num_val: int = 300, nu
     """Generate (or reuse) the shapes dataset under `root` and return it as a CaptionDataset.
 
     Generates into a temp sibling folder and renames it into place at the end, so a folder with
-    annotations.json is always complete; such a folder is reused without regenerating.
+    annotations.json is always complete; such a folder is reused without regenerating. A reused folder is checked
+    first (one lstat an image): what this builder never writes there (a symbolic link, a missing or empty image, an
+    annotations.json that is a link or not ours) is damage, and is regenerated from the seed in place (a link is
+    replaced, its target never touched).
     """
     counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
     if any(v < 0 for v in counts.values()):
@@ -446,52 +461,160 @@ def build_shapes(root: str | Path, num_train: int = 3000, num_val: int = 300, nu
         raise DatasetError(f"shapes: captions_per_image must be >= 1, got {captions_per_image}")
     root = Path(root).expanduser().resolve()
     folder = root / shapes_folder_name(num_train, num_val, num_test, seed, image_size, captions_per_image)
-    if not (folder / ANNOTATIONS).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(folder)
-        tmp = root / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            _generate_into(tmp, counts, seed, image_size, captions_per_image, progress)
-            if folder.exists() and not (folder / ANNOTATIONS).is_file():
-                shutil.rmtree(folder)  # an incomplete folder (not written by us): replace it
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                if not (folder / ANNOTATIONS).is_file():  # not a concurrent build that finished first
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    world = _World(counts, seed, image_size, captions_per_image)
+    try:
+        if folder.is_symlink():  # never generated through: it could point anywhere
+            log.warning("shapes: %s is a symbolic link, not a folder this builder wrote: removed (the link only) "
+                        "and generated again", folder)
+            folder.unlink()
+        if folder.is_dir() and (folder / ANNOTATIONS).is_symlink() or _is_regular(folder / ANNOTATIONS):
+            _repair(folder, world)
+        else:
+            _generate(root, folder, world, progress)
+    except OSError as e:
+        if isinstance(e, DiskFullError) or e.errno in NO_SPACE:
+            why = f"{e.filename}: {e.strerror}" if e.errno else str(e).split(" (", 1)[0]
+            raise DiskFullError(f"{folder}: the shapes world could not be written ({why}); nothing half-written was "
+                                "left. Free space on that disk, or generate it elsewhere (data.root=... or "
+                                "paths.data_dir=...), and run the same command again") from None
+        if e.errno in NO_PERMISSION:
+            raise DatasetError(f"{e.filename or folder}: cannot write the shapes world there ({e.strerror}). Make "
+                               f"{root} writable, or point data.root=... (or paths.data_dir=...) at a directory you "
+                               "can write") from None
+        raise
     records = _records_from_annotations(folder)
     return CaptionDataset(name="shapes", root=folder, records=records, skipped=SkipReport("shapes"))
 
 
-def _generate_into(tmp: Path, counts: dict[str, int], seed: int, image_size: int, captions_per_image: int,
-                   progress: bool) -> None:
+@dataclass(frozen=True)
+class _World:
+    """The parameters that determine every file of a shapes folder."""
+
+    counts: dict
+    seed: int
+    image_size: int
+    captions_per_image: int
+
+    def items(self) -> Iterable[tuple[str, int, str]]:
+        """(split, index, file relative to the folder) of every image."""
+        for split in SPLITS:
+            for i in range(self.counts[split]):
+                yield split, i, f"images/{split}_{i:06d}.jpg"
+
+    def jpeg(self, split: str, index: int) -> bytes:
+        _, image, _ = generate_example(self.seed, split, index, self.image_size, self.captions_per_image)
+        return _jpeg_bytes(image)
+
+    def annotations(self, items: list[dict]) -> str:
+        return json.dumps({
+            "name": "shapes",
+            "version": FORMAT_VERSION,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "captions_per_image": self.captions_per_image,
+            "counts": self.counts,
+            "vocab": {k: list(v) for k, v in OBJECT_VOCAB.items()},
+            "images": items,
+        })
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _is_regular(path: Path) -> bool:
+    """A plain file, not a link (lstat: a link is never followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create `path` with `data`; never through a link, never over an existing file (O_EXCL | O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _generate(root: Path, folder: Path, world: _World, progress: bool) -> None:
+    """Generate the whole folder into a temp sibling and rename it into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(folder)
+    tmp = root / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _generate_into(tmp, world, progress)
+        if folder.exists() and not _is_regular(folder / ANNOTATIONS):
+            shutil.rmtree(folder)  # an incomplete folder (not written by us): replace it
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _is_regular(folder / ANNOTATIONS):  # not a concurrent build that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _generate_into(tmp: Path, world: _World, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     (tmp / "images").mkdir(parents=True)
     items = []
-    total = sum(counts.values())
+    total = sum(world.counts.values())
     with tqdm(total=total, unit="img", desc=f"shapes: generating {total} images", disable=not progress) as bar:
-        for split in SPLITS:
-            for i in range(counts[split]):
-                scene, image, captions = generate_example(seed, split, i, image_size, captions_per_image)
-                rel = f"images/{split}_{i:06d}.jpg"
-                image.save(tmp / rel, format="JPEG", quality=95)
-                items.append({"file": rel, "split": split, "index": i, "scene": scene, "captions": captions})
-                bar.update(1)
-    ann = {
-        "name": "shapes",
-        "version": FORMAT_VERSION,
-        "seed": seed,
-        "image_size": image_size,
-        "captions_per_image": captions_per_image,
-        "counts": counts,
-        "vocab": {k: list(v) for k, v in OBJECT_VOCAB.items()},
-        "images": items,
-    }
-    (tmp / ANNOTATIONS).write_text(json.dumps(ann))
+        for split, i, rel in world.items():
+            scene, image, captions = generate_example(world.seed, split, i, world.image_size,
+                                                      world.captions_per_image)
+            _write_new(tmp / rel, _jpeg_bytes(image))
+            items.append({"file": rel, "split": split, "index": i, "scene": scene, "captions": captions})
+            bar.update(1)
+    atomic_write_text(tmp / ANNOTATIONS, world.annotations(items))  # last: its presence means complete
+
+
+def _repair(folder: Path, world: _World) -> None:
+    """Regenerate, in place, whatever of a reused folder is not as this builder wrote it."""
+    images = folder / "images"
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        images.unlink()  # a link to a folder elsewhere: the images would be written there
+    images.mkdir(exist_ok=True)
+    damaged = [(split, i, rel) for split, i, rel in world.items() if not _intact_image(folder / rel)]
+    for split, i, rel in damaged:
+        atomic_write_bytes(folder / rel, world.jpeg(split, i))  # replaces a link; its target is never opened
+    annotations_damaged = not _annotations_intact(folder, world)
+    if annotations_damaged:
+        items = [{"file": rel, "split": split, "index": i, "scene": scene, "captions": captions}
+                 for split, i, rel in world.items()
+                 for scene, _, captions in [_draw_example(world.seed, split, i, world.captions_per_image)]]
+        atomic_write_text(folder / ANNOTATIONS, world.annotations(items))
+    if damaged or annotations_damaged:
+        what = ", ".join(rel for _, _, rel in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        log.warning("shapes: %s was damaged (symbolic links, missing or empty files): regenerated %d image(s)%s%s",
+                    folder, len(damaged), f" ({what})" if damaged else "",
+                    f" and {ANNOTATIONS}" if annotations_damaged else "")
+
+
+def _intact_image(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+
+def _annotations_intact(folder: Path, world: _World) -> bool:
+    """A plain annotations.json of this world's images, in order (the file names are checked, so a planted file
+    can never point the dataset outside its folder)."""
+    if not _is_regular(folder / ANNOTATIONS):
+        return False
+    try:
+        items = json.loads((folder / ANNOTATIONS).read_text())["images"]
+        return [(item["split"], item["file"]) for item in items] == [(s, rel) for s, _, rel in world.items()] and all(
+            isinstance(item["captions"], list) and isinstance(item["scene"], dict) for item in items)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------

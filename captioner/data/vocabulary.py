@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
 SPECIALS = (PAD, SOS, EOS, UNK)
+# A vocabulary of fewer words than this describes nothing: training on it would produce garbage with exit status 0.
+MIN_WORDS = 5
 
 # A word is a number with inner separators ("3.5", "1,000", "10:30"), or a run of letters/digits with apostrophes
 # or hyphens inside ("man's", "t-shirt"); every other visible character is its own token, so "dog." -> ["dog", "."]
@@ -53,9 +55,11 @@ class Vocabulary:
 
         Words are ordered by descending count, ties alphabetically, so the same captions give the same ids.
         """
-        counts = Counter(tok for c in captions for tok in tokenize(c))
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls(words)
+        return cls.from_counts(Counter(tok for c in captions for tok in tokenize(c)), min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int) -> "Vocabulary":
+        return cls(sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)))
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -93,14 +97,40 @@ class Vocabulary:
         return cls(itos[4:])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        tmp.replace(path)
+        """Whole or not at all, and never through a link planted at `path` (the link is replaced)."""
+        from ..files import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def build_vocabulary(captions: Iterable[str], min_count: int, source: str = "the train split") -> Vocabulary:
+    """`Vocabulary.build`, refusing a vocabulary of fewer than MIN_WORDS words: a `text.min_word_count` too high
+    for the data is a ConfigError saying which values work; data with too few distinct words a DatasetError."""
+    from ..errors import ConfigError
+    from .records import DatasetError
+
+    if min_count < 1:
+        raise ConfigError(f"text.min_word_count={min_count}: must be 1 or more (words seen at least this often in "
+                          "train are kept; the research codebases use 5)")
+    counts = Counter(tok for c in captions for tok in tokenize(c))
+    vocab = Vocabulary.from_counts(counts, min_count)
+    words = len(vocab) - len(SPECIALS)
+    if words >= MIN_WORDS:
+        return vocab
+    if len(counts) < MIN_WORDS:
+        raise DatasetError(f"{source} has {len(counts)} distinct word(s) in its captions ({', '.join(sorted(counts))})"
+                           f": a caption vocabulary needs at least {MIN_WORDS}. Add training captions (or check that "
+                           "the caption column holds the captions)")
+    top, most = counts.most_common(1)[0]
+    allowed = sorted(counts.values(), reverse=True)[MIN_WORDS - 1]
+    raise ConfigError(
+        f"text.min_word_count={min_count} leaves {words} word(s) in the vocabulary besides {' '.join(SPECIALS)}: "
+        f"the most frequent word of {source} ('{top}') occurs {most} time(s). Use text.min_word_count between 1 and "
+        f"{allowed} (keeps at least {MIN_WORDS} words; the research codebases use 5 on Flickr/COCO)")
 
 
 def encode_captions(vocab: Vocabulary, captions: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
