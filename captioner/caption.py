@@ -1,26 +1,32 @@
 """Caption your own images with a trained checkpoint.
 
-usage: python -m captioner.caption --ckpt PATH IMAGE_OR_DIR [...] [--beam-size 3] [--json]
-                                   [--attention-maps DIR] [--device auto|cpu|cuda] [--batch-size 16]
+usage: python -m captioner.caption --ckpt PATH IMAGE_OR_DIR [...] [--beam-size 3] [--max-len 30] [--json]
+                                   [--attention-maps DIR] [--device auto|cpu|cuda|cuda:N] [--batch-size 16]
                                    [--encoder-weights FILE]
        (also installed as `captioner-caption`)
 
 Prints `file<TAB>caption` per image (or one JSON object per line with --json). Directories are walked for image
 files (.jpg .jpeg .png .webp .bmp .gif .tif .tiff); files named on the command line are always tried. A file
-that cannot be read (corrupt, truncated, empty, not an image) is reported on stderr and skipped; the others are
-still captioned. Exit status: 0 when every image was captioned, 1 when some were skipped, 2 when none could be.
+that cannot be read (corrupt, truncated, empty, unreadable, not an image), and a directory named on the command
+line that holds no image, is reported on stderr and skipped; the others are still captioned. Exit status: 0 when
+every image was captioned, 1 when some were skipped, 2 when none could be or the input is bad (a flag's value, the
+checkpoint: one line `error: ...` on stderr).
 
 The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform (`resize` mode
 included) it was trained on; the encoder runs on the fly (no feature cache). A checkpoint trained with a local
 weights file records the file's path and SHA-256: where the file lives elsewhere, `--encoder-weights FILE` gives
 its location, and a file with other contents is refused. For the attention variant, `--attention-maps DIR` writes
-one PNG per image: the image and the cross-attention heat-map behind each generated word.
+one PNG per image: the image and the cross-attention heat-map behind each generated word, as `<stem>.attention.png`
+(replacing this command's own earlier map of that name, never writing through a link planted there).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,9 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, load_captioner
+from .checkpoint import MAX_BEAM, caption_length_limit, check_features_match, load_captioner
 from .config import resolve_device
-from .encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder, relocate_weights
+from .encoders import EncoderSpec, FrozenEncoder, relocate_weights
+from .errors import EXIT_USER_ERROR, UserError, user_message
+from .files import atomic_write_bytes
 from .images import ImageReadError, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -44,21 +52,29 @@ class ImageCaptioner:
                  max_len: int | None = None, encoder_weights: str | Path | None = None) -> None:
         """`encoder_weights`: where the checkpoint's encoder weights file is on this machine, when not where
         training read it (its SHA-256 must match the recorded one)."""
+        problem = device_problem(device)
+        if problem:
+            raise UserError(f"--device {problem}")
         self.device = torch.device(resolve_device(device))
         self.model = load_captioner(ckpt_path, self.device)
+        decode = self._decode_overrides(beam_size, max_len)  # before the encoder is built: a bad flag fails fast
         self.spec = relocate_weights(EncoderSpec.from_checkpoint(self.model.hparams.encoder), encoder_weights,
                                      "--encoder-weights /path/to/file", ckpt_path)
         self.encoder = FrozenEncoder(self.spec).to(self.device)
         self.transform = self.encoder.transform()
         self.spatial = self.model.decoder.feature == "spatial"
-        if self.encoder.dim != self.model.hparams.feature_dim or (
-                self.spatial and tuple(self.encoder.grid) != tuple(self.model.hparams.grid)):
-            raise CheckpointError(
-                f"{ckpt_path}: the decoder expects {self.model.hparams.feature_dim}-d features on a "
-                f"{tuple(self.model.hparams.grid)} grid, but encoder {self.spec.name} gives {self.encoder.dim}-d on "
-                f"{tuple(self.encoder.grid)}: the checkpoint's encoder settings do not reproduce its training")
-        overrides = {k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}
-        self.model.decode_cfg.update(overrides)
+        check_features_match(self.model, self.encoder.dim, self.encoder.grid, f"its encoder {self.spec.name}",
+                             ckpt_path)
+        self.model.decode_cfg.update(decode)
+
+    def _decode_overrides(self, beam_size: int | None, max_len: int | None) -> dict:
+        """The decode settings asked for, within what this checkpoint's decoder can do (the transformer has
+        learned positions for a fixed number of words)."""
+        limit = caption_length_limit(self.model.hparams.decoder)
+        for flag, value, high in (("--beam-size", beam_size, MAX_BEAM), ("--max-len", max_len, limit)):
+            if value is not None and not (_is_int(value) and 1 <= value <= high):
+                raise UserError(f"{flag} {value}: allowed is an integer in [1, {high}] for this checkpoint")
+        return {k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}
 
     @torch.inference_mode()
     def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -96,10 +112,28 @@ class ImageCaptioner:
         return [grid[b, :len(wd)] for b, wd in enumerate(words)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` cannot be the device here (None: it can): auto | cpu | cuda | cuda:N, a GPU only where one is
+    visible."""
+    if name in ("auto", "cpu"):
+        return None
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if match is None:
+        return f"{name!r} is not a device: allowed is auto | cpu | cuda | cuda:N"
+    if not torch.cuda.is_available():
+        return f"{name}: no CUDA GPU is visible on this machine; allowed here is auto | cpu"
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        return f"{name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
 def attention_figure(image: Image.Image, words: Sequence[str], maps: np.ndarray, columns: int = 5) -> Image.Image:
     """The image, then one panel per word with its attention map (bilinearly upsampled) over the image."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,12 +162,47 @@ def attention_figure(image: Image.Image, words: Sequence[str], maps: np.ndarray,
     return Image.open(buf).convert("RGB")
 
 
-def find_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and directories walked (sorted) for files with an image suffix."""
+def write_png(image: Image.Image, path: Path) -> None:
+    """Write `image` as PNG at `path`, whole or not at all, and never through a link planted there
+    (`captioner.files.atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        if isinstance(e, UserError):  # a full disk, already said
+            raise
+        raise UserError(f"--attention-maps: cannot write {path} ({e.strerror or e}); give a directory you can "
+                        "write to") from None
+
+
+def refuse_file_as_maps_dir(path: Path) -> None:
+    """`--attention-maps` names a directory: an existing file there is refused, never replaced."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--attention-maps {path}: an existing file, not a directory; give a directory (it is "
+                        "created if missing)")
+
+
+def make_maps_dir(path: Path) -> None:
+    """The `--attention-maps` directory, created if missing."""
+    refuse_file_as_maps_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--attention-maps {path}: cannot create that directory ({e.strerror or e}); give a "
+                        "directory you can write to") from None
+
+
+def find_images(paths: Iterable[str | Path], empty: list[Path] | None = None) -> list[Path]:
+    """Files as given, and directories walked (sorted) for files with an image suffix; a directory without any is
+    added to `empty` (when given)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out.extend(found)
+            if not found and empty is not None:
+                empty.append(p)
         else:
             out.append(p)
     return out
@@ -144,29 +213,68 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
+def integer_in(low: int, high: int | None = None):
+    """An argparse `type`: an integer in [low, high] (high: None for no bound), else a message saying so."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: must be {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: must be {allowed}")
+        return value
+
+    return parse
+
+
+def device_argument(text: str) -> str:
+    """An argparse `type`: a device this machine has."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captioner-caption", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files and/or directories (walked)")
     parser.add_argument("--ckpt", required=True, help="a checkpoint from a run's checkpoints/ folder")
-    parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the checkpoint's, 1=greedy)")
-    parser.add_argument("--max-len", type=int, default=None, help="maximum caption length in words")
+    parser.add_argument("--beam-size", type=integer_in(1, MAX_BEAM), default=None,
+                        help="beam width (default: the checkpoint's, 1=greedy)")
+    parser.add_argument("--max-len", type=integer_in(1), default=None,
+                        help="maximum caption length in words (at most what the checkpoint's decoder can produce)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of file<TAB>caption")
     parser.add_argument("--attention-maps", metavar="DIR", help="attention variant: write one PNG per image here")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", type=device_argument, default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=integer_in(1), default=16, help="images per forward pass")
     parser.add_argument("--encoder-weights", metavar="FILE", default=None,
                         help="the checkpoint's encoder weights file, when it is not at the path recorded in the "
                              "checkpoint (it must have the recorded SHA-256)")
     args = parser.parse_args(argv)
-
     try:
-        captioner = ImageCaptioner(args.ckpt, args.device, args.beam_size, args.max_len,
-                                   encoder_weights=args.encoder_weights)
-    except (CheckpointError, EncoderWeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return caption_files(args)
+    except BrokenPipeError:  # `captioner-caption ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
+    except Exception as e:  # a user error is one line and exit status 2; a bug keeps its traceback
+        message = user_message(e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def caption_files(args: argparse.Namespace) -> int:
+    """Caption every image of the command line; the exit status (0 all captioned, 1 some skipped, 2 none)."""
     maps_dir = Path(args.attention_maps) if args.attention_maps else None
+    if maps_dir is not None:
+        refuse_file_as_maps_dir(maps_dir)  # before the checkpoint is loaded: a mistyped path fails at once
+    captioner = ImageCaptioner(args.ckpt, args.device, args.beam_size, args.max_len,
+                               encoder_weights=args.encoder_weights)
     if maps_dir is not None:
         if not captioner.spatial:
             print("note: --attention-maps needs the attention variant (dino_attention); this checkpoint's decoder "
@@ -174,13 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             maps_dir = None
         else:
-            maps_dir.mkdir(parents=True, exist_ok=True)
+            make_maps_dir(maps_dir)
 
-    files = find_images(args.paths)
+    empty: list[Path] = []
+    files = find_images(args.paths, empty)
     if not files:
-        print(f"error: no image files found in {' '.join(args.paths)}", file=sys.stderr)
-        return 2
-    done = skipped = 0
+        raise UserError(f"no image files found in {' '.join(args.paths)} (directories are walked for "
+                        f"{' '.join(sorted(IMAGE_SUFFIXES))})")
+    for folder in empty:
+        print(f"skipped {folder}: a directory with no image files ({' '.join(sorted(IMAGE_SUFFIXES))})",
+              file=sys.stderr)
+    done, skipped = 0, len(empty)
     used_names: set[str] = set()
     for chunk in _batches(files, args.batch_size):
         images, ok = [], []
@@ -196,13 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f, im, r in zip(ok, images, captioner.caption(images, attention=maps_dir is not None)):
             record = {"file": str(f), "caption": r["caption"]}
             if maps_dir is not None:
-                name = f"{f.stem}.attention.png"
+                stem = f.stem[:200]  # the map's name stays within the file-name limit (255 bytes)
+                name = f"{stem}.attention.png"
                 k = 1
                 while name in used_names:  # same file name in two folders: keep both maps
-                    name, k = f"{f.stem}_{k}.attention.png", k + 1
+                    name, k = f"{stem}_{k}.attention.png", k + 1
                 used_names.add(name)
                 out = maps_dir / name
-                attention_figure(im, r["words"], r["attention"]).save(out)
+                write_png(attention_figure(im, r["words"], r["attention"]), out)
                 record["attention_map"] = str(out)
             print(json.dumps(record) if args.json else f"{f}\t{r['caption']}", flush=True)
             done += 1
