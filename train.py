@@ -8,10 +8,14 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from captioner.errors import user_errors_reported
     from captioner.training import train
 
-    return train(cfg)
+    with user_errors_reported():  # bad input: one message and exit status 2, no traceback
+        return train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from captioner.errors import exit_on_user_error
+
+    exit_on_user_error(main)  # Hydra's own errors (an unknown key, a missing config group) likewise

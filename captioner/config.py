@@ -84,11 +84,16 @@ def command_main(run, argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(run.__doc__)
         return 0
-    from .data import DatasetError
-    from .encoders import EncoderWeightsError
+    from .errors import EXIT_USER_ERROR, user_message
+    from .schema import check_config
 
     try:
-        return run(compose(argv)) or 0
-    except (DatasetError, EncoderWeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = compose(argv)
+        check_config(cfg)  # the same schema as train.py: a value that cannot work is refused before any work
+        return run(cfg) or 0
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -18,11 +18,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .checkpoint import load_captioner
+from .checkpoint import check_features_match, load_captioner
 from .encoders import EncoderSpec, relocate_weights
 from .files import atomic_write_text
-from .training import (ConfigError, build_datamodule, instantiate_trainer, prepare_distributed_launch, run_directory,
-                       write_predictions)
+from .training import (ConfigError, build_datamodule, claim_run_directory, instantiate_trainer,
+                       prepare_distributed_launch, run_directory, write_predictions)
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,22 @@ def check_encoder_matches(requested: EncoderSpec, trained: EncoderSpec, override
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from . import schema
+
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("eval.py needs ckpt_path=PATH (a .ckpt in a run's checkpoints/ folder)")
+    schema.check_config(cfg, task="eval")
+    run_dir = run_directory(cfg)
+    with claim_run_directory(run_dir, "eval.py"):
+        return evaluate_in(cfg, run_dir)
+
+
+def evaluate_in(cfg: DictConfig, run_dir: Path) -> dict:
+    """`evaluate` with the run dir held by this process."""
     import lightning as L
 
     from .config import resolve_device
 
-    if not cfg.get("ckpt_path"):
-        raise ConfigError("eval.py needs ckpt_path=PATH (a .ckpt in a run's checkpoints/ folder)")
-    run_dir = run_directory(cfg)
     taken = [name for name in ("metrics.json", "predictions.jsonl") if (run_dir / name).exists()]
     if taken and not cfg.get("overwrite"):
         raise ConfigError(
@@ -101,9 +110,7 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg, vocab=model.vocab)
     dm.prepare_data()
     dm.setup("test")
-    if dm.feature_dim != model.hparams.feature_dim:
-        raise ConfigError(f"{cfg.ckpt_path}: the decoder expects {model.hparams.feature_dim}-d features, the cache "
-                          f"of encoder {trained.name} has {dm.feature_dim}-d")
+    check_features_match(model, dm.feature_dim, dm.grid, f"the feature cache of encoder {trained.name}", cfg.ckpt_path)
 
     model.decode_cfg.update(OmegaConf.to_container(cfg.decode))
     model.hparams.meteor, model.hparams.tokenizer = cfg.metrics.meteor, cfg.metrics.tokenizer

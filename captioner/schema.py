@@ -375,4 +375,5 @@ def check_config(cfg: DictConfig, task: str = "train") -> None:
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"this configuration has {len(problems)} values that cannot work:\n  " + "\n  ".join(problems))
+        raise ConfigError(f"this configuration has {len(problems)} values that cannot work:\n  "
+                          + "\n  ".join(problems))

@@ -18,8 +18,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import CheckpointError, check_state_matches, checked_hyper_parameters, read_checkpoint
 from .config import resolve_device, resolve_extraction_workers, resolve_precision
 from .data.datamodule import CaptionDataModule
+from .data.vocabulary import Vocabulary
+from .errors import ConfigError
 from .files import atomic_write_text
 from .memory import keep_freed_memory
 from .models import FAMILIES
@@ -27,11 +30,12 @@ from .models import FAMILIES
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the config keys and the fix."""
-
-
 def check_config(cfg: DictConfig) -> None:
+    """Refuse a configuration that cannot work, before anything is built: each value against the schema
+    (captioner.schema), then the combinations."""
+    from . import schema
+
+    schema.check_config(cfg, task=cfg.get("task", "train"))
     check_encoder_not_swapped(cfg)
     family, feature = cfg.model.family, cfg.decoder.feature
     if family not in FAMILIES:
@@ -85,9 +89,14 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
 
 
 def instantiate_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
-    """`cfg.trainer` instantiated, with `precision: auto` resolved for this machine (see `resolve_precision`)."""
+    """`cfg.trainer` instantiated, with `precision: auto` resolved for this machine (see `resolve_precision`) and
+    the atomic checkpoint writer."""
+    from .run_files import checkpoint_plugins
+
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    return hydra.utils.instantiate(cfg.trainer, precision=precision, **kwargs, **DATA_SHARDING)
+    # every checkpoint written whole or not at all, never through a planted link (captioner/run_files.py)
+    return hydra.utils.instantiate(cfg.trainer, precision=precision, plugins=checkpoint_plugins(), **kwargs,
+                                   **DATA_SHARDING)
 
 
 # The DataModule shards its loaders itself under DDP (GroupedBatches cannot take a sampler injected by
@@ -136,18 +145,42 @@ def _instantiate_all(node) -> list:
 
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
-    keep_freed_memory()  # no page faults for the same activations every step (captioner/memory.py)
     run_dir = run_directory(cfg)
+    with claim_run_directory(run_dir, "train.py"):
+        return fit_and_test(cfg, run_dir)
+
+
+def claim_run_directory(run_dir: Path, command: str):
+    """This process's exclusive use of its run dir (`captioner.files.exclusive_use`); DDP ranks 1.. share rank 0's
+    run dir by design and claim nothing."""
+    import contextlib
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from .files import exclusive_use
+
+    return exclusive_use(run_dir, command) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+
+
+def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
+    """Fit, test the best checkpoint, write the run's results; the value a sweeper optimises."""
+    keep_freed_memory()  # no page faults for the same activations every step (captioner/memory.py)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
     L.seed_everything(cfg.seed, workers=True)
     if "offline" in str(cfg.run_name):
         log.info("experiment=shapes_offline: %s runs with the packaged EfficientNet-Lite0 in place of its own "
                  "encoder (%s features)", cfg.model.name, cfg.decoder.feature)
 
-    dm = build_datamodule(cfg)
+    resumed = read_checkpoint(ckpt_path) if ckpt_path else None
+    # A resumed model keeps its own vocabulary: one rebuilt from captions edited since would renumber its words.
+    vocab = checked_hyper_parameters(resumed["hyper_parameters"], ckpt_path)["vocab"] if resumed else None
+    dm = build_datamodule(cfg, vocab=Vocabulary.from_dict(vocab) if vocab else None)
     dm.prepare_data()
     dm.setup("fit")
     model = build_model(cfg, dm)
+    if resumed:
+        check_state_matches(model, resumed, ckpt_path)  # another model's checkpoint: refused, not half-loaded
+        check_training_state(resumed, ckpt_path)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses to start)
@@ -160,7 +193,8 @@ def train(cfg: DictConfig) -> float:
 
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    train_seconds = time.perf_counter() - t0
+    from .run_files import training_seconds
+    train_seconds = training_seconds(trainer, this_process=time.perf_counter() - t0)  # all resumes included
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
@@ -204,14 +238,34 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     """The local checkpoint file to resume from (`last`: this run dir's last.ckpt, when there is one), checked to
     hold plain data before Lightning loads it: a checkpoint can carry a pickled payload that runs code when
     unpickled, and Lightning unpickles remote (URL, fsspec) checkpoints in full, so those are refused."""
-    from .checkpoint import read_checkpoint
-
     if ckpt_path == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
+        if not last.exists():
+            raise ConfigError(
+                f"ckpt_path=last: there is no {last} to resume from (ckpt_path=last resumes the run in "
+                "hydra.run.dir=<its directory>). Pass that run's directory, a checkpoint's path, or drop ckpt_path "
+                "to start a new run")
+        ckpt_path = str(last)
     if ckpt_path is not None:
         read_checkpoint(ckpt_path)  # raises CheckpointError for a URL, a missing file or a pickled payload
     return ckpt_path
+
+
+# What Lightning restores to continue training, beyond the weights.
+TRAINING_STATE = ("epoch", "global_step", "loops", "optimizer_states", "lr_schedulers")
+
+
+def check_training_state(ckpt: dict, path: str) -> None:
+    """Refuse to resume from a checkpoint without the training state Lightning restores (an edited or exported
+    one): its weights can still be evaluated."""
+    lacking = [k for k in TRAINING_STATE if k not in ckpt]
+    if "optimizer_states" in ckpt and not (isinstance(ckpt["optimizer_states"], list) and ckpt["optimizer_states"]):
+        lacking.append("optimizer_states (empty)")
+    if lacking:
+        raise CheckpointError(
+            f"{path}: cannot resume from it: it holds no training state ({', '.join(lacking)} missing), only what "
+            "evaluation needs. Evaluate it with eval.py ckpt_path=..., or resume from the run's own "
+            "checkpoints/last.ckpt")
 
 
 def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,

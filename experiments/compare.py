@@ -30,6 +30,8 @@ if str(REPO) not in sys.path:  # `python experiments/compare.py` puts experiment
     sys.path.insert(0, str(REPO))
 
 from captioner.data.vocabulary import normalize  # noqa: E402
+from captioner.errors import UserError  # noqa: E402
+from captioner.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from captioner.metrics import bleu_from_stats, bleu_stats, caption_metrics, evaluation_texts  # noqa: E402
 
 log = logging.getLogger("compare")
@@ -342,7 +344,7 @@ def plot_curves(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     panel(a, "train/loss_epoch", "train loss (epoch mean)", "cross-entropy")
     panel(b, "val/loss", "validation loss", "cross-entropy")
     fig.tight_layout()
-    fig.savefig(paths["loss"], dpi=110)
+    save_figure(fig, paths["loss"])
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -353,9 +355,16 @@ def plot_curves(runs: list[Run], out_dir: Path) -> dict[str, Path]:
         if best_epoch in points:
             ax.plot([best_epoch], [points[best_epoch]], marker="*", markersize=12, color=colors[run.label])
     fig.tight_layout()
-    fig.savefig(paths["bleu"], dpi=110)
+    save_figure(fig, paths["bleu"])
     plt.close(fig)
     return paths
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all, never through a link planted at its name (savefig opens the name)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 # -- HTML -------------------------------------------------------------------------------------------------------------
@@ -547,7 +556,7 @@ def build_report(sweep_dir, out_dir=None, n_boot: int = 1000, seed: int = 0, htm
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     md += ["## Curves", "", f"![loss curves]({figures['loss'].name})", "", f"![validation BLEU-4]"
            f"({figures['bleu'].name})", "", "Test images with every variant's caption: `report.html`.", ""]
-    (out_dir / "report.md").write_text("\n".join(md))
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
 
     # report.html: sample images, references, captions, attention maps
     sample_keys = keys[:max(html_images, 0)]
@@ -567,7 +576,7 @@ def build_report(sweep_dir, out_dir=None, n_boot: int = 1000, seed: int = 0, htm
                 map_notes[run.label] = note
     page = render_html(title, header, rows, legend + notes, missing, figures,
                        samples, runs, maps, map_notes)
-    (out_dir / "report.html").write_text(page, encoding="utf-8")
+    atomic_write_text(out_dir / "report.html", page)
 
     # report.json: the same numbers as data
     report = {
@@ -586,7 +595,7 @@ def build_report(sweep_dir, out_dir=None, n_boot: int = 1000, seed: int = 0, htm
         "missing": missing,
         "files": {"markdown": "report.md", "html": "report.html", **{k: p.name for k, p in figures.items()}},
     }
-    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "report.json", json.dumps(_finite(report), indent=2, ensure_ascii=False))
     log.info("report of %d runs (%d missing) -> %s", len(runs), len(missing), out_dir)
     return report
 
@@ -614,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.sweep_dir, args.out, n_boot=args.bootstrap, seed=args.seed,
                               html_images=args.html_images)
-    except ReportError as e:
+    except (ReportError, UserError) as e:  # UserError: a full disk, named with the report file
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "report"

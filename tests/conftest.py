@@ -79,3 +79,38 @@ def file_size_limit(limit: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+def run_script(script: str, args, monkeypatch, capfd, env=None) -> tuple[int, str]:
+    """`python <script> args...` run in this process as `__main__` (so through Hydra and the command's own error
+    reporting, as from a shell, without 5 s of imports per interpreter): (exit status, stderr)."""
+    import runpy
+    import sys
+
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # what exit_on_user_error sets; here it must not leak
+    monkeypatch.setattr(sys, "argv", [script, "hydra/job_logging=none", "hydra/hydra_logging=none", *map(str, args)])
+    capfd.readouterr()
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    finally:
+        _unbind_log_handlers_from(sys.stdout, sys.stderr)
+    return status, capfd.readouterr().err
+
+
+def _unbind_log_handlers_from(*streams) -> None:
+    """Log handlers made during a captured run (Lightning adds one when first imported) hold this test's capture
+    stream, which is closed after it: point them at the real stderr (fd 2, captured again by later tests)."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and any(handler.stream is s for s in streams):
+                handler.setStream(sys.__stderr__)

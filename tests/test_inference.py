@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
         "text.min_word_count=1", "metrics.meteor=false"]
@@ -40,7 +40,8 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     out = root / "eval-greedy"
     # the same precision as the training run (model=dino_attention trains with bf16 autocast)
-    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed", f"hydra.run.dir={out}"], root)
+    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed",
+              f"hydra.run.dir={out}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     # the same checkpoint, data and greedy decoding as the test at the end of training: the same numbers
@@ -57,25 +58,32 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     assert m["decode"]["beam_size"] == 3 and m["split"] == "val" and 0 <= m["test"]["bleu_4"] <= 1
 
 
-def test_eval_never_overwrites_another_commands_outputs_unless_told(attention_run, tmp_path):
+def _eval_here(root, args, monkeypatch, capfd):
+    """`python eval.py args...` in this process (no interpreter start): (exit status, stderr)."""
+    return run_script("eval.py", [*TINY, *args], monkeypatch, capfd,
+                      env={"CAPTIONER_ROOT": str(root), "WANDB_MODE": "disabled"})
+
+
+def test_eval_never_overwrites_another_commands_outputs_unless_told(attention_run, tmp_path, monkeypatch, capfd):
     root, run_dir = attention_run
     before = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "predictions.jsonl")}
-    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, f"hydra.run.dir={run_dir}"], root)
-    assert r.returncode != 0 and "overwrite=true" in r.stderr and "hydra.run.dir" in r.stderr
+    status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", f"hydra.run.dir={run_dir}"], monkeypatch, capfd)
+    assert status == 2 and "overwrite=true" in err and "hydra.run.dir" in err
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     out = tmp_path / "eval"
     for _ in range(2):  # a second evaluation into its own earlier dir needs the same consent
-        r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "overwrite=true", f"hydra.run.dir={out}"], root)
-        assert r.returncode == 0, r.stderr[-3000:]
+        status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", "overwrite=true", f"hydra.run.dir={out}"],
+                                 monkeypatch, capfd)
+        assert status == 0, err[-3000:]
     assert json.loads((out / "metrics.json").read_text())["images"] == 10
 
 
-def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run):
+def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run, monkeypatch, capfd):
     root, run_dir = attention_run
-    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "encoder=resnet50",
-              f"hydra.run.dir={root / 'eval-wrong'}"], root)
-    assert r.returncode != 0
-    assert "efficientnet_lite0" in r.stderr and "resnet50" in r.stderr
+    status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", "encoder=resnet50",
+                                    f"hydra.run.dir={root / 'eval-wrong'}"], monkeypatch, capfd)
+    assert status == 2 and "Traceback" not in err
+    assert "efficientnet_lite0" in err and "resnet50" in err
     assert not (root / "eval-wrong" / "metrics.json").exists()
 
 

@@ -1,5 +1,6 @@
 """`kill -9` during training, then the documented resume (`ckpt_path=last` in the same run dir): training goes on
-from the last epoch's checkpoint instead of starting over, and ends where an uninterrupted run ends."""
+from the last epoch's checkpoint instead of starting over, ends where an uninterrupted run ends, and leaves the same
+CSV history (every epoch exactly once: the rows before the checkpoint kept, those of the killed epoch logged anew)."""
 
 import csv
 import json
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -15,7 +17,7 @@ from conftest import REPO
 
 TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
         "text.min_word_count=1", "metrics.meteor=false", "trainer.max_epochs=4", "model=dino_lstm_init",
-        "decoder.dropout=0.0"]
+        "decoder.dropout=0.0", "trainer.log_every_n_steps=1"]  # step rows too: the killed epoch leaves some
 
 
 def _env(root):
@@ -53,6 +55,21 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(tmp_pa
     final = [_last_val_loss(d) for d in (tmp_path / "uninterrupted", run_dir)]
     assert final[1] == pytest.approx(final[0], rel=0.02), final
     assert abs(resumed["test"]["bleu_4"] - reference["test"]["bleu_4"]) <= 0.1
+    # the history: every row the uninterrupted run logged, exactly once (none lost to the resume, none doubled)
+    histories = [_history(d) for d in (tmp_path / "uninterrupted", run_dir)]
+    assert histories[1] == histories[0] and max(histories[0].values()) == 1
+    assert {epoch for epoch, _, _ in histories[1] if epoch is not None} == {0, 1, 2, 3, 4}  # 4: the test row
+
+
+def _history(run_dir):
+    """What metrics.csv holds, independent of values: (epoch, step, metric) of each logged cell (the
+    learning-rate rows carry no epoch), counted."""
+    counts = Counter()
+    for row in csv.DictReader(open(run_dir / "csv" / "metrics.csv")):
+        epoch = int(row["epoch"]) if row["epoch"] else None
+        counts.update((epoch, int(row["step"]), key) for key, value in row.items()
+                      if value and key not in ("epoch", "step"))
+    return counts
 
 
 def _last_val_loss(run_dir):
@@ -66,6 +83,7 @@ def test_resume_loads_checkpoints_as_data_only(tmp_path):
     import torch
 
     from captioner.checkpoint import CheckpointError
+    from captioner.errors import ConfigError
     from captioner.training import resume_checkpoint
 
     marker = tmp_path / "pwned"
@@ -82,7 +100,8 @@ def test_resume_loads_checkpoints_as_data_only(tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         resume_checkpoint(str(evil), tmp_path)
     assert not marker.exists()
-    assert resume_checkpoint("last", tmp_path) is None  # no last.ckpt in this run dir: a fresh start
+    with pytest.raises(ConfigError, match="no .*last.ckpt to resume from"):  # never a silent fresh start
+        resume_checkpoint("last", tmp_path)
     # as a user runs it, with the payload really served on 127.0.0.1: refused before any data or model is built,
     # nothing fetched, nothing run
     import functools
