@@ -98,9 +98,8 @@ def evaluate_in(cfg: DictConfig, run_dir: Path) -> dict:
             f"{run_dir} already holds {' and '.join(taken)} (a training run's, or an earlier evaluation's): eval.py "
             "writes its own there and would replace them. Give it a directory of its own (hydra.run.dir=...), or "
             "pass overwrite=true to replace them")
+    model = load_captioner(cfg.ckpt_path)  # a checkpoint that must be refused is, before anything else is said
     L.seed_everything(cfg.seed, workers=True)
-
-    model = load_captioner(cfg.ckpt_path)
     trained = check_encoder_matches(EncoderSpec.from_config(cfg.encoder),
                                     EncoderSpec.from_checkpoint(model.hparams.encoder), _command_line_overrides(),
                                     cfg.ckpt_path)

@@ -23,7 +23,7 @@ from PIL import Image
 from captioner.caption import main as caption_main
 from captioner.checkpoint import (CheckpointError, check_state_matches, construction_errors_reported,
                                   load_captioner)
-from conftest import REPO
+from conftest import REPO, run_script
 
 # Small decoders: the checkpoints are a few hundred kB and load in milliseconds.
 RECURRENT = ["decoder.embed_dim=16", "decoder.hidden_dim=32"]
@@ -502,3 +502,66 @@ def test_command_with_a_bad_flag_exits_2_with_usage_and_one_error(ckpts, photo):
     r = _command(["--ckpt", ckpts.recurrent, photo, "--batch-size", "0"], REPO)
     line = one_error(r.stderr)
     assert r.returncode == 2 and "--batch-size: 0: must be an integer >= 1" in line and r.stderr.startswith("usage:")
+
+
+# -- security: a checkpoint never runs code -------------------------------------------------------------------
+
+def test_a_checkpoint_from_a_url_or_with_a_payload_never_runs_code(tmp_path, monkeypatch, capfd):
+    """Every way a checkpoint enters (train.py resume, eval.py, the caption CLI): a URL / fsspec path is refused
+    (Lightning would unpickle it in full), and a local file carrying a pickled payload is refused before anything
+    unpickles it in full; the payload never runs, nothing is fetched."""
+    import torch
+
+    from captioner.checkpoint import CheckpointError
+    from captioner.errors import ConfigError
+    from captioner.training import resume_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload()}}, evil)
+    for path in (f"file://{evil}", "http://127.0.0.1:9/x.ckpt", f"memory://{evil}"):
+        with pytest.raises(CheckpointError, match="local files only"):
+            resume_checkpoint(path, tmp_path)
+    with pytest.raises(CheckpointError, match="refused"):
+        resume_checkpoint(str(evil), tmp_path)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="no .*last.ckpt to resume from"):  # never a silent fresh start
+        resume_checkpoint("last", tmp_path)
+    # as a user runs it, with the payload really served on 127.0.0.1: refused before any data or model is built,
+    # nothing fetched, nothing run
+    import functools
+    import http.server
+    import threading
+
+    fetched = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            fetched.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(os.environ, CAPTIONER_ROOT=str(tmp_path), WANDB_MODE="disabled")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/evil.ckpt"
+        r = subprocess.run([sys.executable, "train.py", f"ckpt_path={url}", "logger=csv",
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "local files only" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not marker.exists()
+        for ckpt in (url, f"file://{evil}", evil):  # eval.py and the caption CLI, in this process
+            status, err = run_script("eval.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"],
+                                     monkeypatch, capfd, env={"CAPTIONER_ROOT": str(tmp_path)})
+            assert status == 2 and err.startswith("error:") and str(ckpt) in err and "Traceback" not in err, err
+            capfd.readouterr()
+            assert caption_main(["--ckpt", str(ckpt), str(tmp_path)]) == 2
+            assert str(ckpt) in capfd.readouterr().err and not marker.exists()
+    finally:
+        server.shutdown()
+    assert fetched == [] and not (tmp_path / "run" / "metrics.json").exists()
