@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import MAX_BEAM, caption_length_limit, check_features_match, load_captioner
+from .checkpoint import MAX_BEAM, caption_length_limit, check_features_match, is_integer, load_captioner
 from .config import resolve_device
 from .encoders import EncoderSpec, FrozenEncoder, relocate_weights
 from .errors import EXIT_USER_ERROR, UserError, user_message
@@ -72,7 +72,7 @@ class ImageCaptioner:
         learned positions for a fixed number of words)."""
         limit = caption_length_limit(self.model.hparams.decoder)
         for flag, value, high in (("--beam-size", beam_size, MAX_BEAM), ("--max-len", max_len, limit)):
-            if value is not None and not (_is_int(value) and 1 <= value <= high):
+            if value is not None and not (is_integer(value) and 1 <= value <= high):
                 raise UserError(f"{flag} {value}: allowed is an integer in [1, {high}] for this checkpoint")
         return {k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}
 
@@ -110,10 +110,6 @@ class ImageCaptioner:
         h, w = self.model.hparams.grid
         grid = torch.stack(steps, dim=1).view(len(words), n, h, w).numpy() if steps else np.zeros((len(words), 0, h, w))
         return [grid[b, :len(wd)] for b, wd in enumerate(words)]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def device_problem(name: str) -> str | None:

@@ -167,7 +167,7 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else f"a {type(value).__name__} ({text[:40]}...)"
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -205,7 +205,7 @@ def decoder_problems(decoder) -> list[str]:
     for key in LAYER_COUNTS + WIDTHS:
         bound = MAX_LAYERS if key in LAYER_COUNTS else MAX_WIDTH
         value = settings.get(key)
-        if _is_int(value) and value > bound:
+        if is_integer(value) and value > bound:
             problems.append(f"hyper_parameters.decoder.{key}={value}: allowed is an integer in [1, {bound}]")
     return problems
 
@@ -240,7 +240,7 @@ def encoder_problems(encoder) -> list[str]:
         problems.append(f"hyper_parameters.encoder.interpolation={_shown(interpolation)}: allowed is null (the "
                         f"model's own) or one of {' | '.join(INTERPOLATIONS)}")
     size = settings.get("input_size")
-    if _is_int(size) and size > MAX_INPUT_SIZE:
+    if is_integer(size) and size > MAX_INPUT_SIZE:
         problems.append(f"hyper_parameters.encoder.input_size={size}: allowed is an integer in [32, {MAX_INPUT_SIZE}] "
                         "(pixels per side)")
     if problems:
@@ -256,10 +256,10 @@ def encoder_problems(encoder) -> list[str]:
 
 def feature_problems(feature_dim, grid) -> list[str]:
     problems = []
-    if not _is_int(feature_dim) or not 1 <= feature_dim <= MAX_WIDTH:
+    if not is_integer(feature_dim) or not 1 <= feature_dim <= MAX_WIDTH:
         problems.append(f"hyper_parameters.feature_dim={_shown(feature_dim)}: allowed is an integer in "
                         f"[1, {MAX_WIDTH}]")
-    if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(s) and 1 <= s <= MAX_WIDTH
+    if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(is_integer(s) and 1 <= s <= MAX_WIDTH
                                                                          for s in grid)):
         problems.append(f"hyper_parameters.grid={_shown(grid)}: allowed is (rows, columns), integers in "
                         f"[1, {MAX_WIDTH}]")
@@ -295,7 +295,7 @@ def caption_length_limit(decoder: Mapping) -> int:
     cls = DECODERS[decoder["name"]]
     positions = decoder.get("max_len")
     if cls.feature == "spatial":
-        return min(MAX_CAPTION_WORDS, positions if _is_int(positions) else decoder_defaults(cls)["max_len"])
+        return min(MAX_CAPTION_WORDS, positions if is_integer(positions) else decoder_defaults(cls)["max_len"])
     return MAX_CAPTION_WORDS
 
 
