@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import captioner.encoders as encoders
 from captioner.caption import ImageCaptioner, main as caption_main
 from captioner.checkpoint import read_checkpoint
 from captioner.config import compose
 from captioner.data.vocabulary import Vocabulary
-from captioner.encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder, create_trunk, relocate_weights
+from captioner.encoders import EncoderSpec, EncoderWeightsError, create_trunk, relocate_weights
 from captioner.evaluation import check_encoder_matches
 from captioner.training import ConfigError, build_datamodule, build_model
 
@@ -92,8 +91,8 @@ def test_spec_records_the_files_sha256_hashing_it_once_per_file_version(weights_
     shutil.copy(weights_dir / "lite0.safetensors", path)
     first = sha256(path)
     calls = []
-    real = encoders.hashlib.sha256
-    monkeypatch.setattr(encoders.hashlib, "sha256", lambda *a: calls.append(a) or real(*a))
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(a) or real(*a))
     specs = [EncoderSpec(weights=str(path)) for _ in range(3)]
     assert {s.weights_sha256 for s in specs} == {first} and len(calls) == 1
     assert EncoderSpec(weights="package").weights_sha256 == ""

@@ -12,7 +12,7 @@ from captioner.encoders import EncoderSpec, EncoderWeightsError, FrozenEncoder, 
 def test_packaged_efficientnet_classifies_real_photos():
     """The package's weights, renamed into timm, must be the real ImageNet weights: check on public-domain photos."""
     skimage_data = pytest.importorskip("skimage.data")
-    from captioner.encoders import _packaged_weights_file, rename_efficientnet_pytorch_keys
+    from captioner.encoders.weights import _packaged_weights_file, rename_efficientnet_pytorch_keys
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = torch.load(_packaged_weights_file("tf_efficientnet_lite0"), weights_only=True)
@@ -223,3 +223,22 @@ def test_each_resize_mode_has_its_own_feature_cache():
     keys = {mode: cache_key("shapes:x", "train", ["a", "b"], spec, transform_signature(spec_transform(spec)), False)
             for mode in ("squash", "crop", "pad") for spec in [EncoderSpec(resize=mode)]}
     assert len(set(keys.values())) == 3
+
+
+def test_a_weights_file_is_loaded_strictly_without_patching_torch(lite0, tmp_path):
+    """A file's classifier is dropped; every trunk tensor must come from the file, or the error names the key."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in lite0.trunk.state_dict().items()}
+    with_head = tmp_path / "with_head.safetensors"
+    save_file({**state, "classifier.weight": torch.zeros(1000, 1280), "classifier.bias": torch.zeros(1000)},
+              str(with_head))
+    before = torch.nn.Module.load_state_dict
+    trunk = create_trunk(EncoderSpec(weights=str(with_head)))
+    assert torch.nn.Module.load_state_dict is before
+    torch.testing.assert_close(trunk.bn2.weight, lite0.trunk.bn2.weight)
+    short = tmp_path / "short.safetensors"
+    save_file({k: v for k, v in state.items() if k != "bn2.weight"}, str(short))
+    with pytest.raises(EncoderWeightsError, match=r"missing keys: bn2\.weight") as e:
+        create_trunk(EncoderSpec(weights=str(short)))
+    assert str(short) in str(e.value)

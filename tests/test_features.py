@@ -2,7 +2,6 @@
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ import torch
 
 from captioner.data import dataset_id
 from captioner.encoders import EncoderSpec
-from captioner.features import FeatureCache, _recorded_chunks, cache_key, extract_features, prepare_features
+from captioner.features import cache_key, extract_features, prepare_features
+from captioner.features.build import _recorded_chunks
 
 
 def test_extraction_matches_encoder_and_is_memmapped_fp16(tiny_shapes, lite0, tmp_path):
@@ -129,8 +129,23 @@ def test_prepare_features_reuses_without_building_encoder(tiny_shapes, tmp_path,
     spec = EncoderSpec()
     by_split = {"val": tiny_shapes.split("val")}
     first = prepare_features(by_split, spec, tmp_path, "d", num_workers=0, progress=False)
-    import captioner.features as features
+    import captioner.features.build as features
 
     monkeypatch.setattr(features, "FrozenEncoder", lambda *a, **k: pytest.fail("encoder rebuilt"))
     again = prepare_features(by_split, spec, tmp_path, "d", num_workers=0, progress=False)
     assert again["val"].path == first["val"].path
+
+
+def test_an_entry_without_its_image_fingerprints_is_rebuilt(tiny_shapes, lite0, tmp_path):
+    """sources.json vouches that each row's image is unchanged: an entry without it is rebuilt, byte-identical."""
+    from conftest import counting
+
+    recs = tiny_shapes.split("val")[:8]
+    kw = dict(batch_size=4, num_workers=0, progress=False)
+    first = extract_features(lite0, recs, tmp_path, "d", "val", **kw)
+    before = (first.path / "global.npy").read_bytes()
+    (first.path / "sources.json").unlink()
+    with counting(lite0) as seen:
+        again = extract_features(lite0, recs, tmp_path, "d", "val", **kw)
+    assert sum(seen) == 8 and (again.path / "sources.json").is_file()
+    assert (again.path / "global.npy").read_bytes() == before
