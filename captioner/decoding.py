@@ -2,15 +2,16 @@
 (`init_state(features) -> state`, `step(tokens, state) -> (logits, state)`), batched over images.
 
   greedy_decode(decoder, features, max_len=30)             argmax word by word, all images together
-  beam_search(decoder, features, beam_size=3, max_len=30)  B images x K beams as B*K rows of one step call
+  beam_search(decoder, features, beam_size=3, max_len=30)  B images x K beams as B*K rows of one step call;
+                                                           each step: expand, select the top K, retire the
+                                                           finished, drop the done images, follow the beams
 
 Both return one list of word ids per image, without `<sos>`/`<eos>`/`<pad>`, at most `max_len` words, and with
 `return_scores=True` also each caption's score (sum of log-probabilities; for beam search divided by the length
 penalty when one is set). They run under `torch.no_grad()`, on the features' device, and under
 `torch.autocast` (log-softmax and scores are float32). Not `torch.inference_mode()`: it turns off autocast's
-cache of low-precision weight copies, and each step then re-casts every weight (3 casts per Linear call instead
-of 1; batched beam-3 under bf16 on 2 CPU cores 3.75 vs 3.15 ms/image, the same captions). They do not change
-the decoder's train/eval mode: call `decoder.eval()` first, or dropout will sample.
+cache of low-precision weight copies, and each step would then re-cast every weight. They do not change the
+decoder's train/eval mode: call `decoder.eval()` first, or dropout will sample.
 
 `<sos>` and `<pad>` are never generated (they are never training targets, so any probability the model gives
 them is noise), `<eos>` is not allowed before `min_len` words, and the ids in `suppress` are never generated
@@ -47,8 +48,8 @@ def _next_log_probs(
 
 
 def _reorder(x: Tensor, rows: Tensor) -> Tensor:
-    """x.index_select(0, rows), through a 2-D (N, -1) view: on CPU that is a plain row copy, several times faster
-    than index_select on the N-D tensor (which dominated batched beam search with the transformer's caches)."""
+    """x.index_select(0, rows), through a 2-D (N, -1) view: on CPU that is a plain row copy, much faster than
+    index_select on the N-D tensor (the transformer's caches are reordered every step)."""
     if x.dim() <= 2:
         return x.index_select(0, rows)
     return x.flatten(1).index_select(0, rows).view(len(rows), *x.shape[1:])
@@ -126,88 +127,135 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    B, K, device = features.shape[0], beam_size, features.device
-    NEG = float("-inf")
 
     def penalty(n_words: int) -> float:
         return ((5.0 + n_words) / 6.0) ** length_penalty
 
-    # Row b*K + k is beam k of live image b, everywhere: state, tokens, seqs. Live images are the ones still being
-    # searched: `alive` maps them to the batch. A finished image's answer goes to `out_*` and its rows leave every
-    # tensor, so later steps compute only the images still searching instead of the whole batch until its longest
-    # caption ends (the gain grows with the spread of caption lengths in the batch).
-    shared = tuple(getattr(decoder, "per_image_state", ()))  # entries kept at one row per image (not per beam)
-    state = {name: x if name.startswith(shared) and shared else x.repeat_interleave(K, dim=0)
-             for name, x in decoder.init_state(features).items()}
-    constant = dict(state)  # entries still identical to these objects were never changed by a step (see below)
-    tokens = torch.full((B * K,), sos_id, dtype=torch.long, device=device)
-    seqs = torch.full((B * K, max_len), pad_id, dtype=torch.long, device=device)
-    # At the start the K beams of an image are the same <sos>: only one is live, or the top-K of the first step
-    # would be K copies of the same word.
-    scores = torch.full((B, K), NEG, device=device)
-    scores[:, 0] = 0.0
-    best = torch.full((B,), NEG, device=device)  # best finished hypothesis per image, length-penalised
-    best_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)
-    out_best = torch.full((B,), NEG, device=device)
-    out_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
-    beams = torch.arange(K, device=device)
-
-    steps = 0
+    search = _Beams(decoder, features, beam_size, max_len, sos_id, pad_id)
+    answers = _Answers(features.shape[0], max_len, pad_id, features.device)
     for t in range(max_len):  # t = words in each live beam before this step
-        n = len(alive)
-        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id, suppress)
-        constant = {name: x for name, x in state.items() if x is constant.get(name)}
-        V = logp.shape[-1]
-        # All K*V continuations of an image side by side; flat index i = beam * V + word.
-        top, idx = (scores.view(n * K, 1) + logp).view(n, K * V).topk(K, dim=1)
-        word = idx % V
-        src = torch.arange(n, device=device)[:, None] * K + idx // V  # the row each new beam continues (n, K)
-        seqs = seqs.index_select(0, src.view(-1))
-        seqs[:, t] = word.view(-1)
-        steps = t + 1
-
-        # Candidates ending in <eos> are finished (t words); keep each image's best by the penalised score.
-        # isfinite: a dead beam (score -inf) can be picked when fewer than K candidates are live.
-        ended = (word == eos_id) & torch.isfinite(top)
-        ranked = torch.where(ended, top / penalty(t), NEG)
-        r_best, r_arg = ranked.max(dim=1)
-        better = r_best > best  # strict: among equals the earliest (shortest) hypothesis stays
-        best = torch.where(better, r_best, best)
-        best_seq = torch.where(better[:, None], seqs.view(n, K, max_len)[torch.arange(n, device=device), r_arg],
-                               best_seq)
-        scores = top.masked_fill(ended, NEG)  # finished beams are no longer extended
-
-        # Log-probabilities are <= 0, so a live beam's score only falls; the penalty divisor grows (alpha > 0)
-        # at most to penalty(max_len). An image whose best finished caption beats that bound is done.
-        bound = scores.max(dim=1).values / max(penalty(t + 1), penalty(max_len))
-        done = best >= bound
+        logp = search.expand(decoder, t, min_len, sos_id, eos_id, pad_id, suppress)
+        word, src = search.select_top_k(logp, t)
+        search.retire_finished(word, eos_id, penalty(t))
+        done = search.done(max(penalty(t + 1), penalty(max_len)))
         if bool(done.any()):
-            out_best[alive[done]], out_seq[alive[done]] = best[done], best_seq[done]
+            answers.take(search.alive[done], search.best[done], search.best_seq[done])
             keep = (~done).nonzero().squeeze(1)
             if len(keep) == 0:
                 break
-            alive, best, best_seq, scores, word, src = (x[keep] for x in (alive, best, best_seq, scores, word, src))
-            seqs = seqs.view(n, K, max_len)[keep].view(-1, max_len)
-            rows = (keep[:, None] * K + beams).view(-1)  # the kept images' rows before this step
-            constant = {name: _reorder(x, keep if shared and name.startswith(shared) else rows)
-                        for name, x in constant.items()}
+            word, src = search.drop_done(keep, word, src)
+        search.follow(word, src)
+    else:
+        answers.take(search.alive, *search.answers_at_max_len(penalty(max_len)))
+    ids = _to_lists(answers.seq, sos_id, eos_id, pad_id)
+    return (ids, answers.score.tolist()) if return_scores else ids
+
+
+class _Answers:
+    """Each image's answer (caption and penalised score), filled in as its search ends."""
+
+    def __init__(self, batch: int, max_len: int, pad_id: int, device) -> None:
+        self.score = torch.full((batch,), float("-inf"), device=device)
+        self.seq = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+
+    def take(self, images: Tensor, score: Tensor, seq: Tensor) -> None:
+        self.score[images], self.seq[images] = score, seq
+
+
+class _Beams:
+    """The K beams of every image still being searched, and each one's best finished caption.
+
+    Row b*K + k is beam k of live image b, everywhere: state, tokens, seqs. `alive` maps the live images to the
+    batch. A done image's rows leave every tensor, so later steps compute only the images still searching instead
+    of the whole batch until its longest caption ends (the gain grows with the spread of caption lengths).
+    """
+
+    def __init__(self, decoder: nn.Module, features: Tensor, K: int, max_len: int, sos_id: int, pad_id: int) -> None:
+        B, device = features.shape[0], features.device
+        self.K, self.max_len = K, max_len
+        self.shared = tuple(getattr(decoder, "per_image_state", ()))  # entries kept at one row per image
+        self.state = {name: x if self._per_image(name) else x.repeat_interleave(K, dim=0)
+                      for name, x in decoder.init_state(features).items()}
+        self.constant = dict(self.state)  # entries still identical to these objects were never changed by a step
+        self.tokens = torch.full((B * K,), sos_id, dtype=torch.long, device=device)
+        self.seqs = torch.full((B * K, max_len), pad_id, dtype=torch.long, device=device)
+        # At the start the K beams of an image are the same <sos>: only one is live, or the top-K of the first step
+        # would be K copies of the same word.
+        self.scores = torch.full((B, K), float("-inf"), device=device)
+        self.scores[:, 0] = 0.0
+        self.best = torch.full((B,), float("-inf"), device=device)  # best finished caption, length-penalised
+        self.best_seq = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
+        self.alive = torch.arange(B, device=device)
+        self.beams = torch.arange(K, device=device)
+
+    def _per_image(self, name: str) -> bool:
+        return bool(self.shared) and name.startswith(self.shared)
+
+    def _rows(self) -> Tensor:
+        return torch.arange(len(self.alive), device=self.alive.device)
+
+    def expand(self, decoder: nn.Module, t: int, min_len: int, sos_id: int, eos_id: int, pad_id: int,
+               suppress: Sequence[int]) -> Tensor:
+        """One decoder step of every live beam: the log-probabilities (n*K, V) of each next word."""
+        logp, self.state = _next_log_probs(decoder, self.tokens, self.state, t, min_len, sos_id, eos_id, pad_id,
+                                           suppress)
+        self.constant = {name: x for name, x in self.state.items() if x is self.constant.get(name)}
+        return logp
+
+    def select_top_k(self, logp: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """Keep each image's K best continuations: their words (n, K) and the rows they continue (n, K).
+        `scores` becomes theirs, `seqs` their words so far."""
+        n, K, V = len(self.alive), self.K, logp.shape[-1]
+        # All K*V continuations of an image side by side; flat index i = beam * V + word.
+        self.scores, idx = (self.scores.view(n * K, 1) + logp).view(n, K * V).topk(K, dim=1)
+        word = idx % V
+        src = self._rows()[:, None] * K + idx // V
+        self.seqs = self.seqs.index_select(0, src.view(-1))
+        self.seqs[:, t] = word.view(-1)
+        return word, src
+
+    def retire_finished(self, word: Tensor, eos_id: int, divisor: float) -> None:
+        """Candidates ending in <eos> leave the beam; each image keeps its best by the penalised score."""
+        # isfinite: a dead beam (score -inf) can be picked when fewer than K candidates are live.
+        ended = (word == eos_id) & torch.isfinite(self.scores)
+        ranked = torch.where(ended, self.scores / divisor, float("-inf"))
+        r_best, r_arg = ranked.max(dim=1)
+        better = r_best > self.best  # strict: among equals the earliest (shortest) hypothesis stays
+        self.best = torch.where(better, r_best, self.best)
+        candidates = self.seqs.view(len(self.alive), self.K, self.max_len)[self._rows(), r_arg]
+        self.best_seq = torch.where(better[:, None], candidates, self.best_seq)
+        self.scores = self.scores.masked_fill(ended, float("-inf"))  # finished beams are no longer extended
+
+    def done(self, largest_divisor: float) -> Tensor:
+        """(n,) which images no live beam can still beat: log-probabilities are <= 0, so a live beam's score only
+        falls, and its penalty divisor grows (alpha > 0) at most to `largest_divisor`."""
+        return self.best >= self.scores.max(dim=1).values / largest_divisor
+
+    def drop_done(self, keep: Tensor, word: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
+        """Only the images `keep` (indices among the live ones) go on; returns their words and source rows."""
+        n, K = len(self.alive), self.K
+        self.alive, self.best, self.best_seq, self.scores = (
+            x[keep] for x in (self.alive, self.best, self.best_seq, self.scores))
+        self.seqs = self.seqs.view(n, K, self.max_len)[keep].view(-1, self.max_len)
+        rows = (keep[:, None] * K + self.beams).view(-1)  # the kept images' rows before this step
+        self.constant = {name: _reorder(x, keep if self._per_image(name) else rows)
+                         for name, x in self.constant.items()}
+        return word[keep], src[keep]
+
+    def follow(self, word: Tensor, src: Tensor) -> None:
+        """Each new beam takes the decoder state of the row it continues, and its word is the next input."""
         # A state tensor the step handed back unchanged holds the same values for every beam of an image (the
         # transformer's per-image cross-attention keys/values; K identical copies for a decoder without
-        # `per_image_state`), and beams only move within their image: reordering it would copy megabytes per step
-        # for nothing (it was most of batched beam search's time).
-        state = {name: constant[name] if name in constant else _reorder(x, src.view(-1)) for name, x in state.items()}
-        tokens = word.view(-1)
-    else:
-        # max_len reached with images still searching: their best finished caption, or where no beam ever emitted
-        # <eos> (e.g. an untrained model), the best live beam at max length.
-        live_score, live_arg = scores.max(dim=1)
-        none_finished = best == NEG
-        n = len(alive)
-        live_seq = seqs.view(n, K, max_len)[torch.arange(n, device=device), live_arg]
-        best_seq = torch.where(none_finished[:, None], live_seq, best_seq)
-        best = torch.where(none_finished, live_score / penalty(steps), best)
-        out_best[alive], out_seq[alive] = best, best_seq
+        # `per_image_state`), and beams only move within their image: reordering it would copy it for nothing.
+        self.state = {name: self.constant[name] if name in self.constant else _reorder(x, src.view(-1))
+                      for name, x in self.state.items()}
+        self.tokens = word.view(-1)
 
-    ids = _to_lists(out_seq, sos_id, eos_id, pad_id)
-    return (ids, out_best.tolist()) if return_scores else ids
+    def answers_at_max_len(self, divisor: float) -> tuple[Tensor, Tensor]:
+        """(score, caption) of each image still searching at max_len: its best finished caption, or where no beam
+        ever emitted <eos> (e.g. an untrained model), its best live beam."""
+        live_score, live_arg = self.scores.max(dim=1)
+        none_finished = self.best == float("-inf")
+        live_seq = self.seqs.view(len(self.alive), self.K, self.max_len)[self._rows(), live_arg]
+        return (torch.where(none_finished, live_score / divisor, self.best),
+                torch.where(none_finished[:, None], live_seq, self.best_seq))

@@ -1,8 +1,7 @@
-"""experiments/compare.py: exact corpus BLEU from per-image sufficient statistics, the paired bootstrap, and the
-report files built from a small fabricated sweep directory."""
+"""captioner.report (experiments/compare.py's report): exact corpus BLEU from per-image sufficient statistics, the
+paired bootstrap, and the report files built from a small fabricated sweep directory."""
 
 import csv
-import importlib.util
 import json
 import sys
 import types
@@ -11,20 +10,11 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from captioner.metrics import bleu_from_stats, bleu_stats, caption_metrics
-from conftest import REPO
+from captioner.report import ReportError, build_report, main
+from captioner.report.stats import bootstrap_counts, delta_ci, resampled_bleu_4, resampled_mean
+from captioner.scoring.bootstrap import bleu_from_stats, bleu_stats
+from captioner.scoring.metrics import caption_metrics
 from test_metrics import HYPS, REFS
-
-
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare", REPO / "experiments" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()
 
 # varying lengths, multiple references, an empty hypothesis, repeated words (clipping), a hypothesis longer than
 # all its references, a tie in the closest reference length (3 words: refs of 2 and 4 -> the shorter), one ref only
@@ -73,16 +63,16 @@ def test_weighted_statistics_equal_pycocoevalcap_on_a_resampled_corpus():
     """A bootstrap resample (images drawn with repetition) scored from counts @ stats is pycocoevalcap's corpus
     BLEU of the corpus with those images repeated."""
     stats = bleu_stats(EDGE_HYPS, EDGE_REFS)
-    counts = compare.bootstrap_counts(len(EDGE_HYPS), 3, seed=1)
+    counts = bootstrap_counts(len(EDGE_HYPS), 3, seed=1)
     for row in counts:
         idx = np.repeat(np.arange(len(EDGE_HYPS)), row.astype(int))
         expected = pycoco_bleu([EDGE_HYPS[i] for i in idx], [EDGE_REFS[i] for i in idx])
         assert np.allclose(bleu_from_stats(row @ stats), expected, rtol=0, atol=1e-9)
-    assert np.allclose(compare.resampled_bleu_4(stats, counts), bleu_from_stats(counts @ stats)[:, 3])
+    assert np.allclose(resampled_bleu_4(stats, counts), bleu_from_stats(counts @ stats)[:, 3])
 
 
 def test_bootstrap_counts_resample_every_image_set_with_replacement():
-    counts = compare.bootstrap_counts(7, 50, seed=0)
+    counts = bootstrap_counts(7, 50, seed=0)
     assert counts.shape == (50, 7) and (counts.sum(1) == 7).all() and (counts == 0).any()
 
 
@@ -98,10 +88,10 @@ def _cis(hyps_a, hyps_b, seed, n_boot=300):
     a, b = bleu_stats(hyps_a, REFS_40), bleu_stats(hyps_b, REFS_40)
     ca = np.asarray(caption_metrics(hyps_a, REFS_40, meteor=False, per_image=True)["per_image"]["cider"])
     cb = np.asarray(caption_metrics(hyps_b, REFS_40, meteor=False, per_image=True)["per_image"]["cider"])
-    counts = compare.bootstrap_counts(len(REFS_40), n_boot, seed)
+    counts = bootstrap_counts(len(REFS_40), n_boot, seed)
     full = lambda s: float(bleu_from_stats(s.sum(0))[3])  # noqa: E731
-    bleu = compare.delta_ci(compare.resampled_bleu_4(a, counts), compare.resampled_bleu_4(b, counts), full(a), full(b))
-    cider = compare.delta_ci(compare.resampled_mean(ca, counts), compare.resampled_mean(cb, counts), ca.mean(),
+    bleu = delta_ci(resampled_bleu_4(a, counts), resampled_bleu_4(b, counts), full(a), full(b))
+    cider = delta_ci(resampled_mean(ca, counts), resampled_mean(cb, counts), ca.mean(),
                              cb.mean())
     return bleu, cider
 
@@ -211,7 +201,7 @@ def _fake_caption_module():
 
 def test_build_report_writes_every_file(fake_sweep, monkeypatch):
     monkeypatch.setitem(sys.modules, "captioner.caption", _fake_caption_module())
-    report = compare.build_report(fake_sweep, n_boot=200, seed=0, html_images=4)
+    report = build_report(fake_sweep, n_boot=200, seed=0, html_images=4)
     out = fake_sweep / "report"
 
     md = (out / "report.md").read_text()
@@ -244,7 +234,7 @@ def test_build_report_writes_every_file(fake_sweep, monkeypatch):
 
 def test_report_without_captioner_module_notes_the_missing_maps(fake_sweep, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "captioner.caption", None)  # import fails as if the module did not exist
-    compare.build_report(fake_sweep, tmp_path / "out", n_boot=20, html_images=2)
+    build_report(fake_sweep, tmp_path / "out", n_boot=20, html_images=2)
     page = (tmp_path / "out" / "report.html").read_text()
     assert "attention maps skipped" in page
     assert not (fake_sweep / "report").exists()  # --out is respected
@@ -253,10 +243,19 @@ def test_report_without_captioner_module_notes_the_missing_maps(fake_sweep, tmp_
 def test_different_test_images_and_empty_sweeps_are_clear_errors(fake_sweep, tmp_path, capsys):
     preds = fake_sweep / "2_model=dino_lstm_init" / "predictions.jsonl"
     preds.write_text("\n".join(preds.read_text().splitlines()[:-1]) + "\n")
-    with pytest.raises(compare.ReportError, match="did not predict the same test images"):
-        compare.build_report(fake_sweep, n_boot=10)
+    with pytest.raises(ReportError, match="did not predict the same test images"):
+        build_report(fake_sweep, n_boot=10)
     empty = tmp_path / "empty"
     (empty / "0_model=x").mkdir(parents=True)
-    assert compare.main([str(empty)]) == 2
+    assert main([str(empty)]) == 2
     err = capsys.readouterr().err
     assert "no finished run" in err and "0_model=x" in err
+
+
+def test_compare_script_is_the_report_command_line(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "compare.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no finished run" in proc.stderr

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from captioner.data.vocabulary import Vocabulary
-from captioner.decoders import DECODERS, build_decoder
+from captioner.decoders import LSTMDecoder, LSTMInitDecoder, RNNDecoder, TransformerDecoder
 from captioner.decoding import beam_search, greedy_decode
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 SPECIAL = {PAD, SOS, EOS}
 A, B, C, D, E, F = 4, 5, 6, 7, 8, 9  # words of the hand-made decoders
+DECODERS = {"rnn": RNNDecoder, "lstm": LSTMDecoder, "lstm_init": LSTMInitDecoder, "transformer": TransformerDecoder}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +81,7 @@ def _trained(name: str, steps: int = 40):
     # transformer: small position tables, so that 40 steps on random-noise "images" already give image-dependent
     # captions (with content-scale positions, which every image shares, the few steps give one caption for all)
     extra = {"grid": grid, "position_std": 0.02} if name == "transformer" else {}
-    dec = build_decoder(name, vocab_size=V, feature_dim=dim, **extra)
+    dec = DECODERS[name](vocab_size=V, feature_dim=dim, **extra)
     shape = (2 * n, 9, dim) if dec.feature == "spatial" else (2 * n, dim)
     feats = torch.randn(shape)
     caps = torch.full((n, 10), PAD)
@@ -239,7 +240,7 @@ def test_decoding_on_cuda_matches_cpu(name):
 def test_one_decode_config_drives_greedy_and_beam_search(beam_size):
     """`decode.min_len` and `decode.suppress_unk` reach greedy decoding (validation/test's default) as they reach
     beam search: greedy once returned empty captions under min_len=1."""
-    from captioner.models import DECODE_DEFAULTS, Captioner
+    from captioner.modules import DECODE_DEFAULTS, Captioner
 
     UNK = Vocabulary.unk_id
     model = Captioner.__new__(Captioner)  # a Captioner around a hand-made decoder: only generate() is used

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from captioner.metrics import caption_metrics, val_bleu_scores
-from captioner.ptb_tokenizer import ptb_tokenize
+from captioner.scoring.metrics import caption_metrics, val_bleu_scores
+from captioner.scoring.ptb import ptb_tokenize
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the official PTBTokenizer and METEOR need Java")
 
@@ -119,7 +119,7 @@ def test_multi_reference_beats_single_reference_and_perfect_is_one():
 
 
 def test_meteor_is_a_number_with_java_and_none_without(monkeypatch):
-    import captioner.metrics as metrics
+    import captioner.scoring.metrics as metrics
 
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     assert caption_metrics(HYPS, REFS)["meteor"] is None
@@ -142,7 +142,7 @@ def test_caption_prior_picks_the_constant_caption_with_the_best_pycocoevalcap_bl
     full pycocoevalcap run per candidate would."""
     from types import SimpleNamespace
 
-    from captioner.training import caption_prior_baseline
+    from captioner.scoring.metrics import caption_prior_baseline
 
     train = [SimpleNamespace(captions=refs) for refs in REFS * 3]
     dm = SimpleNamespace(records={"train": train})

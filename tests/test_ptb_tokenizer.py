@@ -1,4 +1,4 @@
-"""captioner.ptb_tokenizer: the Java PTBTokenizer run exactly as pycocoevalcap runs it, and its pure-Python twin.
+"""captioner.scoring.ptb: the Java PTBTokenizer run exactly as pycocoevalcap runs it, and its pure-Python twin.
 
 The Java tokenizer starts once for the whole module (`java_out`); the other tests start no JVM or one.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from captioner import ptb_tokenizer as ptb
-from captioner.ptb_tokenizer import java_ptb_tokenize, ptb_tokenize, python_ptb_tokenize
+from captioner.scoring import ptb
+from captioner.scoring.ptb import java_ptb_tokenize, ptb_tokenize, python_ptb_tokenize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ptb_captions.txt"
 # one caption a line, kept as written: trailing spaces and tabs are part of the test
 CAPTIONS = FIXTURE.read_text(encoding="utf-8").split("\n")[:-1]
 
-# Hand-checked outputs (read off the Java tokenizer and pycocoevalcap, and explained in ptb_tokenizer's docstring).
+# Hand-checked outputs (read off the Java tokenizer and pycocoevalcap, and explained in captioner.scoring.ptb's docstring).
 HAND = {
     "A man's T-shirt (red).": "a man 's t-shirt -lrb- red -rrb-",  # brackets survive, lowercased
     "I can't, won't, don't; it's they're I'm we'll she'd.":

@@ -1,4 +1,5 @@
-"""Tests of the embedded shapes captioning world (captioner.data.shapes)."""
+"""Tests of the embedded shapes captioning world (captioner.data.shapes, .scenes) and of its semantic scorer
+(captioner.scoring.semantic)."""
 
 from __future__ import annotations
 
@@ -16,26 +17,19 @@ import pytest
 
 from captioner.data import shapes
 from captioner.data.records import CaptionDataset
+from captioner.data.scenes import COLOURS, OBJECT_VOCAB, RELATIONS, SHAPES, SIZES, relation_between
 from captioner.data.shapes import (
     COLOUR_RGB,
-    COLOURS,
     MAX_CAPTION_TOKENS,
-    OBJECT_VOCAB,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    ParsedCaption,
     build_shapes,
     describe_scene,
     generate_example,
     generate_scene,
-    parse_caption,
-    reference_agreement,
-    relation_between,
     render_scene,
-    score_captions,
     shapes_folder_name,
 )
+from captioner.scoring.metrics import reference_agreement
+from captioner.scoring.semantic import ParsedCaption, parse_caption, score_captions
 from captioner.data.vocabulary import normalize, tokenize
 
 METRICS = ("object_accuracy", "size_accuracy", "relation_rate", "relation_axis_accuracy", "relation_accuracy",
@@ -198,6 +192,9 @@ def test_reference_captions_parse_and_score_perfectly():
     for phrase in ("to the left of", "right of", "above", "beneath", "there is", " and ", "as well as",
                    "small", "large"):
         assert phrase in joined
+
+
+# ------------------------------------------------------------------------ semantic scorer (captioner.scoring.semantic)
 
 
 def test_parse_caption_examples():

@@ -6,16 +6,16 @@ is an orange star above a purple circle and a yellow square"). With two or more 
 exactly one spatial relation, so a captioner has to know *where* things are; a pooled feature vector loses
 that, a decoder attending over the spatial grid does not.
 
-Because every scene is known, a generated caption can be scored semantically by parsing it against the scene
-(`parse_caption`, `score_captions`), next to the n-gram metrics.
+Because every scene is known (it is stored with its image), a generated caption can be scored semantically
+against it: `captioner.scoring.semantic`. The world's vocabulary and geometry live in `captioner.data.scenes`,
+which the scorer shares without importing this generator.
 
 Everything is deterministic from a seed: image `i` of split `s` is generated from
 `numpy.random.default_rng([seed, split_index, i])`, so any image can be regenerated on its own and changing
 the number of images of a split never changes the images it already had.
 
-Public API: `OBJECT_VOCAB` (and SHAPES/COLOURS/SIZES/RELATIONS), `generate_scene`, `render_scene`,
-`describe_scene`, `generate_example`, `relation_between`, `parse_caption`/`ParsedCaption`, `score_captions`,
-`build_shapes`, `shapes_folder_name`, `reference_agreement`.
+Public API: `generate_scene`, `render_scene`, `describe_scene`, `generate_example`, `build_shapes`,
+`shapes_folder_name`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import shutil
 import socket
 import stat
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -40,27 +39,14 @@ from PIL import Image, ImageDraw
 from ..errors import NO_PERMISSION, NO_SPACE, DiskFullError
 from ..files import atomic_write_bytes, atomic_write_text
 from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
+from .scenes import COLOURS, OBJECT_VOCAB, SHAPES, SIZES, Scene, relation_between
 from .vocabulary import tokenize
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
-# Vocabulary of the world
+# Appearance and grammar of the world (its vocabulary: captioner.data.scenes)
 # ----------------------------------------------------------------------------------------------------------
-
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SIZES = ("small", "large")
-RELATIONS = ("left", "right", "above", "below")
-INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-AXIS = {"left": "x", "right": "x", "above": "y", "below": "y"}
-
-OBJECT_VOCAB: dict[str, tuple[str, ...]] = {
-    "shapes": SHAPES,
-    "colours": COLOURS,
-    "sizes": SIZES,
-    "relations": RELATIONS,
-}
 
 # Saturated, mutually distinct object colours (RGB). The background is kept near-grey, so it can never be
 # mistaken for any of these.
@@ -94,26 +80,12 @@ CONNECTIVES = ("and", "and", "as well as", "plus", "with")
 SIZE_PROBABILITY = 0.6
 MAX_CAPTION_TOKENS = 20
 
-# Words the parser reads as a relation (a relation keyword needs a following "of" for left/right).
-_REL_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below"}
-
 ANNOTATIONS = "annotations.json"
 FORMAT_VERSION = 1
-
-Scene = dict  # {"objects": [{"shape","colour","size","x","y","r","angle"}, ...], "relations": [[i, rel, j], ...]}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Scenes
 # ----------------------------------------------------------------------------------------------------------
-
-
-def relation_between(a: dict, b: dict) -> str:
-    """The relation of object `a` to object `b` along the dominant axis ("above" = smaller y, y grows down)."""
-    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
-    if abs(dx) >= abs(dy):
-        return "left" if a["x"] < b["x"] else "right"
-    return "above" if a["y"] < b["y"] else "below"
 
 
 def _pair_ok(a: dict, b: dict) -> bool:
@@ -276,109 +248,6 @@ def describe_scene(scene: Scene, rng: np.random.Generator) -> str:
         text = _describe_once(scene, rng)
         if len(tokenize(text)) <= MAX_CAPTION_TOKENS:
             return text
-
-
-@dataclass
-class ParsedCaption:
-    """Object mentions (size or None, colour, shape) in order of mention, and the stated relations as
-    (index of subject mention, relation, index of object mention)."""
-
-    objects: list[tuple[str | None, str, str]] = field(default_factory=list)
-    relations: list[tuple[int, str, int]] = field(default_factory=list)
-
-
-def parse_caption(text: str) -> ParsedCaption:
-    """Parse a caption (reference or model output) into mentions and relations; unknown words are ignored.
-
-    A mention is a colour word directly followed by a shape word, optionally preceded by a size word.
-    A relation is "left of"/"right of" (any "to the"/"on the" before it is just ignored) or one of
-    above/over/below/under/beneath; its subject is the last mention before it and its object the first
-    mention after it (a relation without both is dropped).
-    """
-    toks = tokenize(text)
-    out = ParsedCaption()
-    pending: list[tuple[int, str]] = []  # (subject mention index, relation) waiting for their object
-    i = 0
-    while i < len(toks):
-        t = toks[i]
-        if t in COLOURS and i + 1 < len(toks) and toks[i + 1] in SHAPES:
-            size = toks[i - 1] if i > 0 and toks[i - 1] in SIZES else None
-            out.objects.append((size, t, toks[i + 1]))
-            idx = len(out.objects) - 1
-            out.relations.extend((s, rel, idx) for s, rel in pending)
-            pending = []
-            i += 2
-            continue
-        rel = None
-        if t in ("left", "right") and i + 1 < len(toks) and toks[i + 1] == "of":
-            rel, step = t, 2
-        elif t in _REL_WORDS:
-            rel, step = _REL_WORDS[t], 1
-        if rel is not None:
-            if out.objects:
-                pending.append((len(out.objects) - 1, rel))
-            i += step
-            continue
-        i += 1
-    return out
-
-
-def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
-    """Score captions semantically against their scenes (one scene per hypothesis).
-
-    object_accuracy: multiset of mentioned (colour, shape) equals the scene's exactly.
-    size_accuracy: over mentions stating a size that match a scene object, fraction with the right size.
-    relation_rate: over captions of multi-object scenes, fraction stating a relation.
-    relation_axis_accuracy / relation_accuracy: over captions of multi-object scenes that state a relation,
-        fraction whose relations all have both mentions matching (distinct) scene objects and the right axis /
-        the right direction.
-    count_accuracy: number of distinct mentioned (colour, shape) equals the number of scene objects.
-    An empty denominator gives 0.0.
-    """
-    if len(hypotheses) != len(scenes):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(scenes)} scenes")
-    n_obj = n_count = 0
-    size_total = size_right = 0
-    multi = stated = axis_right = rel_right = 0
-    for text, scene in zip(hypotheses, scenes):
-        objs = scene["objects"]
-        index = {(o["colour"], o["shape"]): k for k, o in enumerate(objs)}
-        parsed = parse_caption(text)
-        mentioned = [(c, s) for _, c, s in parsed.objects]
-        n_obj += Counter(mentioned) == Counter(list(index))
-        n_count += len(set(mentioned)) == len(objs)
-        for size, c, s in parsed.objects:
-            if size is not None and (c, s) in index:
-                size_total += 1
-                size_right += objs[index[(c, s)]]["size"] == size
-        if len(objs) >= 2:
-            multi += 1
-            if parsed.relations:
-                stated += 1
-                ok_axis = ok_dir = True
-                for si, rel, oi in parsed.relations:
-                    a, b = index.get(mentioned[si]), index.get(mentioned[oi])
-                    if a is None or b is None or a == b:
-                        ok_axis = ok_dir = False
-                        continue
-                    truth = relation_between(objs[a], objs[b])
-                    ok_axis &= AXIS[truth] == AXIS[rel]
-                    ok_dir &= truth == rel
-                axis_right += ok_axis
-                rel_right += ok_dir
-    n = len(hypotheses)
-
-    def frac(num: int, den: int) -> float:
-        return float(num) / den if den else 0.0
-
-    return {
-        "object_accuracy": frac(n_obj, n),
-        "size_accuracy": frac(size_right, size_total),
-        "relation_rate": frac(stated, multi),
-        "relation_axis_accuracy": frac(axis_right, stated),
-        "relation_accuracy": frac(rel_right, stated),
-        "count_accuracy": frac(n_count, n),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,24 +484,3 @@ def _annotations_intact(folder: Path, world: _World) -> bool:
             isinstance(item["captions"], list) and isinstance(item["scene"], dict) for item in items)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reference agreement
-# ----------------------------------------------------------------------------------------------------------
-
-
-def reference_agreement(dataset_or_records: CaptionDataset | Iterable[CaptionRecord]) -> float:
-    """Corpus BLEU-4 (0-1) of each image's first reference against its other references.
-
-    A ceiling-like number for the references' wording variety: how well a perfect "one of the references"
-    caption could score. Records with fewer than two captions are ignored. Scored as the test metrics are.
-    """
-    from ..metrics import bleu_from_stats, bleu_stats
-
-    records = dataset_or_records.records if isinstance(dataset_or_records, CaptionDataset) else dataset_or_records
-    records = [r for r in records if len(r.captions) >= 2]
-    if not records:
-        raise ValueError("reference_agreement needs at least one record with two or more captions")
-    stats = bleu_stats([r.captions[0] for r in records], [r.captions[1:] for r in records])
-    return float(bleu_from_stats(stats.sum(0))[3])

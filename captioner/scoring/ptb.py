@@ -14,6 +14,7 @@ comparable with papers, so this module reproduces that output, string for string
   tried, the longest match wins (trailing context counts), ties go to the rule listed first. The tests hold it
   token-for-token equal to the Java output.
 - `ptb_tokenize(texts, backend="auto")`: Java when `java` is on PATH, else the twin.
+- `evaluation_texts(hypotheses, references)`: what pycocoevalcap's scorers receive, both tokenised as it does.
 
 What the Java tokenizer does that one would not guess, and the twin therefore does too:
 
@@ -47,7 +48,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["PUNCTUATIONS", "java_available", "java_ptb_tokenize", "ptb_tokenize", "python_ptb_tokenize"]
+__all__ = ["PUNCTUATIONS", "evaluation_texts", "java_available", "java_ptb_tokenize", "ptb_tokenize",
+           "python_ptb_tokenize", "tokenized_references"]
 
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, verbatim (upper-case brackets included)
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -71,6 +73,29 @@ def ptb_tokenize(texts: Sequence[str], backend: str = "auto") -> list[str]:
     if backend == "python":
         return python_ptb_tokenize(texts)
     raise ValueError(f"unknown PTB tokenizer backend {backend!r}: use 'auto', 'java' or 'python'")
+
+
+def tokenized(texts: Sequence[str], tokenizer: str | None) -> list[str]:
+    """`ptb_tokenize` with `tokenizer` as its backend; None: the texts are already tokenised."""
+    return list(texts) if tokenizer is None else ptb_tokenize(texts, backend=tokenizer)
+
+
+def tokenized_references(references: Sequence[Sequence[str]], tokenizer: str | None) -> dict[int, list[str]]:
+    """{image index: its tokenised references}, all of them tokenised in one call, as pycocoevalcap does."""
+    rest = iter(tokenized([r for refs in references for r in refs], tokenizer))
+    return {i: [next(rest) for _ in refs] for i, refs in enumerate(references)}
+
+
+def evaluation_texts(hypotheses: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str | None = "auto"):
+    """pycocoevalcap's inputs: ({i: [tokenised references]}, {i: [tokenised hypothesis]}). References and
+    hypotheses are tokenised in two calls, in image order, as pycocoevalcap tokenises them: the PTB lexer reads a
+    call's captions as one text, so a caption's last token can depend on the caption after it."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference groups")
+    gts = tokenized_references(references, tokenizer)
+    # pycocoevalcap's scorers choke on an empty hypothesis string; a lone space scores like an empty caption
+    res = {i: [h or " "] for i, h in enumerate(tokenized(hypotheses, tokenizer))}
+    return gts, res
 
 
 def java_available() -> bool:
