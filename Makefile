@@ -24,6 +24,9 @@ install: $(VENV)/.installed ## create .venv and install the suite with dev + clu
 test: $(VENV)/.installed ## run the test suite (offline, CPU; slow tests excluded)
 	$(PY) -m pytest -q
 
+test-fast: $(VENV)/.installed ## unit tests only (not e2e: no CLI or training runs; tests/conftest.py E2E_FILES), < 2 min
+	$(PY) -m pytest -q -m 'not slow and not e2e'
+
 test-all: $(VENV)/.installed ## run every test, slow ones included
 	$(PY) -m pytest -q -m ''
 
@@ -39,11 +42,14 @@ train: $(VENV)/.installed ## train + test one captioner offline (experiment=shap
 sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra multirun
 	$(PY) train.py -m model=$(VARIANTS)
 
-VARIANTS := resnet_rnn,dino_rnn,dino_lstm,dino_lstm_init,dino_attention
+# The variants in their numbered order, read from conf/model/*.yaml (`model.variant`), where they are listed once.
+MODEL_NUMBERS = grep -H '^  variant:' conf/model/*.yaml | sed 's|conf/model/||; s|\.yaml:  variant:||' | awk '{print $$2, $$1}'
+VARIANTS = $(shell $(MODEL_NUMBERS) | sort -n | cut -d' ' -f2 | paste -sd, -)
 
-# The demo runs two jobs side by side, one thread each (hydra/launcher=parallel), longest first: on 2 cores that
-# beats one two-thread job after the other (the transformer gains only 1.16x from a second thread).
-DEMO_ORDER := dino_attention,dino_lstm_init,dino_lstm,dino_rnn,resnet_rnn
+# The demo runs two jobs side by side, one thread each (hydra/launcher=parallel), longest (highest-numbered)
+# first: on 2 cores that beats one two-thread job after the other (the transformer gains only 1.16x from a
+# second thread).
+DEMO_ORDER = $(shell $(MODEL_NUMBERS) | sort -rn | cut -d' ' -f2 | paste -sd, -)
 
 demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈10 min, 2 CPU cores)
 	@d=multirun/demo-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
@@ -66,4 +72,4 @@ report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-all inspect prepare train sweep demo report bench clean
+.PHONY: help install test test-fast test-all inspect prepare train sweep demo report bench clean

@@ -88,28 +88,8 @@ class ImageCaptioner:
         feats = self.features(images)
         captions = self.model.generate(feats)
         words = [c.split() for c in captions]
-        maps = self._attention(feats, words) if attention and self.spatial else [None] * len(images)
+        maps = self.model.attention_maps(feats, words) if attention and self.spatial else [None] * len(images)
         return [{"caption": c, "words": w, "attention": m} for c, w, m in zip(captions, words, maps)]
-
-    @torch.no_grad()  # decoding steps under autocast: see captioner.decoding on inference_mode
-    def _attention(self, feats: torch.Tensor, words: list[list[str]]) -> list[np.ndarray]:
-        """Replay each caption step by step and keep the last layer's cross-attention behind every word
-        (whatever search produced the caption, the map is what the decoder looked at for that word)."""
-        vocab, decoder = self.model.vocab, self.model.decoder
-        n = max((len(w) for w in words), default=0)
-        ids = torch.full((len(words), n + 1), vocab.pad_id, dtype=torch.long)
-        ids[:, 0] = vocab.sos_id
-        for b, w in enumerate(words):
-            ids[b, 1:len(w) + 1] = torch.tensor([vocab.stoi.get(t, vocab.unk_id) for t in w], dtype=torch.long)
-        ids = ids.to(self.device)
-        state = decoder.init_state(feats)
-        steps = []
-        for t in range(n):
-            _, state, att = decoder.step(ids[:, t], state, return_attention=True)
-            steps.append(att.float().cpu())
-        h, w = self.model.hparams.grid
-        grid = torch.stack(steps, dim=1).view(len(words), n, h, w).numpy() if steps else np.zeros((len(words), 0, h, w))
-        return [grid[b, :len(wd)] for b, wd in enumerate(words)]
 
 
 def device_problem(name: str) -> str | None:
@@ -274,7 +254,7 @@ def caption_files(args: argparse.Namespace) -> int:
     if maps_dir is not None:
         if not captioner.spatial:
             print("note: --attention-maps needs the attention variant (dino_attention); this checkpoint's decoder "
-                  f"({captioner.model.hparams.decoder['name']}) has no spatial attention, no maps written",
+                  f"({captioner.model.hparams.decoder['_target_']}) has no spatial attention, no maps written",
                   file=sys.stderr)
             maps_dir = None
         else:

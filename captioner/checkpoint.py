@@ -8,15 +8,15 @@ config, encoder spec) that `Captioner.__init__` saved without module objects.
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from .decoders import DECODERS
 from .errors import UserError
 
 
@@ -61,13 +61,17 @@ MAX_CAPTION_WORDS = 1000  # decoding allocates (images x beams x max_len) ids up
 MAX_BEAM = 100
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # what timm's transforms take
 
-# The hyper-parameters of `Captioner.__init__` that a checkpoint holds (the optimizer is never saved).
-HYPER_PARAMETERS = ("vocab", "decoder", "encoder", "model_name", "feature_dim", "grid", "scheduler",
-                    "label_smoothing", "decode", "meteor", "tokenizer")
+# The hyper-parameters of `Captioner.__init__` that a checkpoint holds (the optimizer and scheduler never are),
+# and those a family adds.
+HYPER_PARAMETERS = ("vocab", "decoder", "encoder", "model_name", "feature_dim", "grid", "label_smoothing", "decode",
+                    "meteor", "tokenizer")
+FAMILY_HYPER_PARAMETERS = ("alpha_c", "attention_maps")
 REQUIRED = ("vocab", "decoder", "encoder")
 # Decoder hyper-parameters that count layers (bounded by MAX_LAYERS) and that are widths (bounded by MAX_WIDTH).
 LAYER_COUNTS = ("num_layers", "encoder_layers", "decoder_layers")
 WIDTHS = ("embed_dim", "hidden_dim", "d_model", "ff_dim", "max_len", "num_heads")
+# A `_target_` a checkpoint names: a dotted path inside this package, and nothing else is ever imported for it.
+PACKAGE_PATH = re.compile(r"captioner(\.[A-Za-z_][A-Za-z0-9_]*)+")
 # The Lightning checkpoint's state-dict key of the tensor whose shape records each size (key, axis), for the
 # decoders that have it: the first key present is the witness.
 SIZE_WITNESSES = {
@@ -117,9 +121,34 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def captioner_class(hp: dict):
-    from .models import FAMILIES
+    """The family that feeds the checkpoint's decoder its features: spatial tokens are attended over."""
+    from .modules import AttentionCaptioner, PooledCaptioner
 
-    return FAMILIES["attention" if DECODERS[hp["decoder"]["name"]].feature == "spatial" else "recurrent"]
+    return AttentionCaptioner if decoder_class(hp["decoder"]).feature == "spatial" else PooledCaptioner
+
+
+def package_class(target: str) -> type:
+    """The class a checkpoint's `_target_` names, imported only from this package: a checkpoint is untrusted, and
+    an arbitrary dotted path would run whatever module it names."""
+    if not isinstance(target, str) or not PACKAGE_PATH.fullmatch(target):
+        raise ValueError("only classes of the captioner package are loaded from a checkpoint")
+    module_name, _, name = target.rpartition(".")
+    obj = getattr(importlib.import_module(module_name), name, None)
+    if not isinstance(obj, type) or not obj.__module__.startswith("captioner."):
+        raise ValueError(f"{module_name} has no class {name}")
+    return obj
+
+
+def decoder_class(decoder: Mapping) -> type:
+    return package_class(decoder["_target_"])
+
+
+def known_decoders() -> list[str]:
+    """The decoder classes this package exports (for messages; any decoder class of the package loads)."""
+    from . import decoders
+
+    return [f"captioner.decoders.{n}" for n in decoders.__all__
+            if isinstance(getattr(decoders, n), type) and decoders.interface_problem(getattr(decoders, n)) is None]
 
 
 @contextmanager
@@ -144,22 +173,33 @@ def checked_hyper_parameters(hp, path) -> dict:
         raise damaged(path, [f"hyper_parameters is a {type(hp).__name__}, not a mapping"])
     hp = dict(hp)
     problems = [f"hyper_parameters.{key} is missing" for key in REQUIRED if key not in hp]
-    problems += [f"hyper_parameters.{key} is not a captioner setting (allowed: {', '.join(HYPER_PARAMETERS)})"
-                 for key in hp if key not in HYPER_PARAMETERS]
+    allowed = HYPER_PARAMETERS + FAMILY_HYPER_PARAMETERS
+    problems += [f"hyper_parameters.{key} is not a captioner setting (allowed: {', '.join(allowed)})"
+                 for key in hp if key not in allowed]
     if problems:
         raise damaged(path, problems)
     problems += vocabulary_problems(hp["vocab"])
     problems += decoder_problems(hp["decoder"])
     problems += encoder_problems(hp["encoder"])
     problems += feature_problems(hp.get("feature_dim", 1280), hp.get("grid", (7, 7)))
-    if not problems:  # the decode limits depend on the decoder's
+    if not problems:  # the decode limits and the family's settings depend on the decoder
         problems += decode_problems(hp.get("decode"), hp["decoder"])
+        family = captioner_class(hp)
+        problems += [f"hyper_parameters.{key} is not a setting of {family.__name__} (its decoder reads "
+                     f"{family.feature} features)" for key in FAMILY_HYPER_PARAMETERS
+                     if key in hp and key not in schema_parameters(family)]
     problems += small_problems(hp)
     if problems:
         raise damaged(path, problems)
     if "grid" in hp:
         hp["grid"] = tuple(hp["grid"])
     return hp
+
+
+def schema_parameters(cls) -> list[str]:
+    from .schema import parameters
+
+    return list(parameters(cls))
 
 
 def _shown(value) -> str:
@@ -189,34 +229,37 @@ def vocabulary_problems(vocab) -> list[str]:
 
 
 def decoder_problems(decoder) -> list[str]:
-    """The decoder's settings against the training schema's rules (captioner.schema), plus bounds on sizes."""
+    """The decoder's config (`_target_`, settings, its attention's) by the training schema's rules
+    (captioner.schema), its classes only from this package, plus bounds on sizes."""
     from . import schema
 
     if not isinstance(decoder, Mapping):
         return [f"hyper_parameters.decoder={_shown(decoder)}: allowed is a mapping of decoder settings"]
-    name = decoder.get("name")
-    if not isinstance(name, str) or name not in DECODERS:
-        return [f"hyper_parameters.decoder.name={_shown(name)} is not a decoder: allowed is one of "
-                f"{' | '.join(DECODERS)}"]
-    cls = DECODERS[name]
-    settings = {**decoder_defaults(cls), **decoder, "feature": cls.feature}
-    rules = schema.Transformer if cls.feature == "spatial" else schema.Recurrent
-    problems = schema.check_section(settings, rules, "hyper_parameters.decoder.", closed=True)
-    for key in LAYER_COUNTS + WIDTHS:
-        bound = MAX_LAYERS if key in LAYER_COUNTS else MAX_WIDTH
-        value = settings.get(key)
-        if is_integer(value) and value > bound:
-            problems.append(f"hyper_parameters.decoder.{key}={value}: allowed is an integer in [1, {bound}]")
+    try:
+        cls = decoder_class(decoder)
+    except (KeyError, ValueError, ImportError) as e:
+        return [f"hyper_parameters.decoder._target_={_shown(decoder.get('_target_'))} is not a decoder class of "
+                f"this package ({e}): allowed is one of {' | '.join(known_decoders())}"]
+    settings = {**decoder_defaults(cls), **decoder}
+    problems = schema.check_decoder(settings, "hyper_parameters.decoder.", resolve=package_class)
+    attention = settings.get("attention") if isinstance(settings.get("attention"), Mapping) else {}
+    for prefix, node in (("", settings), ("attention.", attention)):
+        for key in LAYER_COUNTS + WIDTHS:
+            bound = MAX_LAYERS if key in LAYER_COUNTS else MAX_WIDTH
+            value = node.get(key)
+            if is_integer(value) and value > bound:
+                problems.append(f"hyper_parameters.decoder.{prefix}{key}={value}: allowed is an integer in "
+                                f"[1, {bound}]")
     return problems
 
 
 def decoder_defaults(cls) -> dict:
-    """A decoder class's default settings (a checkpoint may predate one of them)."""
-    from .decoders.recurrent import _RecurrentDecoder
+    """A decoder class's default settings that are plain data (a checkpoint may predate one of them)."""
+    from .schema import DECODER_RUNTIME, parameters
 
-    init = _RecurrentDecoder.__init__ if issubclass(cls, _RecurrentDecoder) else cls.__init__
-    return {n: p.default for n, p in inspect.signature(init).parameters.items()
-            if p.default is not p.empty and n not in ("grid",)}
+    plain = (int, float, str, bool, type(None))
+    return {n: p.default for n, p in parameters(cls).items()
+            if p.default is not p.empty and n not in DECODER_RUNTIME and isinstance(p.default, plain)}
 
 
 def encoder_problems(encoder) -> list[str]:
@@ -270,7 +313,7 @@ def decode_problems(decode, decoder: Mapping) -> list[str]:
     """The decode settings (defaults for keys a checkpoint predates) by the schema's rules, within what decoding
     can allocate, and for the transformer within the positions it has."""
     from . import schema
-    from .models import DECODE_DEFAULTS
+    from .modules import DECODE_DEFAULTS
 
     if decode is None:
         return []
@@ -291,19 +334,18 @@ def decode_problems(decode, decoder: Mapping) -> list[str]:
 
 
 def caption_length_limit(decoder: Mapping) -> int:
-    """The longest caption a decoder can produce: the transformer's learned positions, else MAX_CAPTION_WORDS."""
-    cls = DECODERS[decoder["name"]]
-    positions = decoder.get("max_len")
-    if cls.feature == "spatial":
-        return min(MAX_CAPTION_WORDS, positions if is_integer(positions) else decoder_defaults(cls)["max_len"])
-    return MAX_CAPTION_WORDS
+    """The longest caption a decoder can produce: its learned positions (`max_len`, the transformer's), else
+    MAX_CAPTION_WORDS."""
+    positions = {**decoder_defaults(decoder_class(decoder)), **decoder}.get("max_len")
+    return min(MAX_CAPTION_WORDS, positions) if is_integer(positions) else MAX_CAPTION_WORDS
 
 
 # The settings that only label or score a run: (is it valid, what is allowed).
 SMALL_SETTINGS = {
     "model_name": (lambda v: isinstance(v, str), "a string"),
     "label_smoothing": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "scheduler": (lambda v: v is None or isinstance(v, Mapping), "a mapping or null"),
+    "alpha_c": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+    "attention_maps": (lambda v: is_integer(v) and 0 <= v <= MAX_BEAM, f"an integer in [0, {MAX_BEAM}]"),
     "meteor": (lambda v: isinstance(v, bool), "true or false"),
     "tokenizer": (lambda v: v in ("auto", "java", "python"), "one of auto | java | python"),
 }
@@ -337,7 +379,7 @@ def _listed(items: list[str], most: int = 5) -> str:
 def size_problems(hp: dict, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Each main size the hyper-parameters set against the state-dict tensor that records it: the clearest
     message for an edited size (a damaged one of any other kind is caught by `state_mismatches`)."""
-    decoder = {**decoder_defaults(DECODERS[hp["decoder"]["name"]]), **hp["decoder"]}
+    decoder = {**decoder_defaults(decoder_class(hp["decoder"])), **hp["decoder"]}
     grid = tuple(hp.get("grid", (7, 7)))
     values = {"the vocabulary size (len of vocab.itos)": len(hp["vocab"]["itos"]),
               "feature_dim": hp.get("feature_dim", 1280), "grid rows": grid[0], "grid columns": grid[1],

@@ -30,6 +30,37 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def options(group: str) -> list[str]:
+    """The options of a config group, from its YAML files: `options("model")` lists the variants, once, for the
+    Makefile, the sweeps and the tests alike."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def variants() -> list[str]:
+    """The model variants (conf/model/*.yaml), in their numbered order (`model.variant`)."""
+    from omegaconf import OmegaConf
+
+    number = {name: OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml").model.variant for name in options("model")}
+    return sorted(number, key=number.get)
+
+
+def option_name(group: str, node) -> str:
+    """Which option of `group` a composed node came from, for messages and run records: the option whose YAML
+    builds the same `_target_` (or, for a null node, the one that sets it to null); else the node's `_target_`."""
+    from omegaconf import OmegaConf
+
+    target = node.get("_target_") if node is not None and hasattr(node, "get") else None
+    for name in options(group):
+        path = CONF_DIR / group / f"{name}.yaml"
+        own = OmegaConf.load(path)
+        if path.read_text().lstrip().startswith("# @package _global_"):
+            own = own.get(group)  # a _global_ option sets its group's node among others
+        own_target = own.get("_target_") if own is not None and hasattr(own, "get") else None
+        if (node is None and own is None) or (target is not None and own_target == target):
+            return name
+    return str(target)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

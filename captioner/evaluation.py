@@ -90,7 +90,7 @@ def evaluate_in(cfg: DictConfig, run_dir: Path) -> dict:
     """`evaluate` with the run dir held by this process."""
     import lightning as L
 
-    from .config import resolve_device
+    from .config import option_name, resolve_device
 
     taken = [name for name in ("metrics.json", "predictions.jsonl") if (run_dir / name).exists()]
     if taken and not cfg.get("overwrite"):
@@ -105,8 +105,7 @@ def evaluate_in(cfg: DictConfig, run_dir: Path) -> dict:
                                     cfg.ckpt_path)
     with open_dict(cfg):
         cfg.encoder = OmegaConf.create({**OmegaConf.to_container(cfg.encoder), **trained.to_dict()})
-        cfg.decoder.feature = model.decoder.feature
-    dm = build_datamodule(cfg, vocab=model.vocab)
+    dm = build_datamodule(cfg, vocab=model.vocab, feature=model.feature)
     dm.prepare_data()
     dm.setup("test")
     check_features_match(model, dm.feature_dim, dm.grid, f"the feature cache of encoder {trained.name}", cfg.ckpt_path)
@@ -120,7 +119,7 @@ def evaluate_in(cfg: DictConfig, run_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     metrics = {
         "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()), "model": model.hparams.model_name,
-        "encoder": trained.name, "decoder": model.hparams.decoder["name"], "data": cfg.data.name,
+        "encoder": trained.name, "decoder": option_name("decoder", model.hparams.decoder), "data": cfg.data.name,
         "split": dm.test_split, "images": len(model.test_predictions), "decode": dict(model.decode_cfg),
         "device": resolve_device(cfg.features.device), "eval_seconds": round(seconds, 2),
         "world_size": trainer.world_size, "test": model.test_results,

@@ -13,13 +13,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from .config import command_main
-from .data import SPLITS, load_dataset
+from .data import load_dataset
 from .data.vocabulary import build_vocabulary, tokenize
 
 
 def inspect(cfg: DictConfig) -> int:
     dataset = load_dataset(cfg.data)
-    print(f"dataset: {dataset.name} ({cfg.data.format}) at {dataset.root}")
+    print(f"dataset: {cfg.data.name} ({dataset.name}) at {dataset.root}")
     print(f"{'split':<6} {'images':>8} {'captions':>9} {'per image':>10}")
     for split, (n, c) in dataset.counts().items():
         print(f"{split:<6} {n:>8} {c:>9} {c / max(n, 1):>10.2f}")
@@ -36,8 +36,8 @@ def inspect(cfg: DictConfig) -> int:
         f"p{p}={v:.0f}" for p, v in zip((5, 25, 50, 75, 95, 100), pct)))
     over = int((lengths > cfg.text.max_length).sum())
     print(f"captions longer than text.max_length={cfg.text.max_length}: {over} (they will be truncated)")
-    if cfg.data.format == "shapes":
-        from .data.shapes import reference_agreement
+    if dataset.name == "shapes":
+        from .scoring.metrics import reference_agreement
 
         for split in ("val", "test"):
             print(f"reference agreement BLEU-4 ({split}: one reference vs the other four): "

@@ -2,7 +2,7 @@
 
 usage: python -m captioner.prepare [hydra overrides]
   e.g. python -m captioner.prepare data=shapes encoder=efficientnet_lite0
-       python -m captioner.prepare data=flickr8k data.root=~/data/flickr8k encoder=dinov2_vits14 features.kind=spatial
+       python -m captioner.prepare data=flickr8k data.root=~/data/flickr8k encoder=dinov2_vits14 attention=mha
        torchrun --nproc-per-node 4 -m captioner.prepare data=coco ...   # 4 processes (GPUs) share the extraction
 """
 
@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from .config import command_main, resolve_device, resolve_extraction_workers
@@ -53,7 +54,7 @@ def prepare(cfg: DictConfig) -> int:
     spec = EncoderSpec.from_config(cfg.encoder)
     caches = prepare_features(
         {s: dataset.split(s) for s in SPLITS}, spec, cfg.paths.cache_dir, dataset_id(dataset),
-        spatial=cfg.features.kind == "spatial", batch_size=cfg.features.batch_size,
+        spatial=get_class(cfg.model._target_).feature == "spatial", batch_size=cfg.features.batch_size,
         num_workers=resolve_extraction_workers(cfg.features.num_workers, device), device=device, group=group)
     if group.rank != 0:
         return 0

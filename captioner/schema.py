@@ -6,8 +6,10 @@ value and what is allowed, instead of producing garbage with exit status 0 or a 
 
 Each section is a dataclass whose fields say their type and bounds (`at_least`, `between`, `one_of`, `flag`);
 `check_config` reads the composed config through them and collects every problem into one `ConfigError`. The
-trainer's and the optimiser's keys are checked against the signatures of what they instantiate (Lightning's
-`Trainer`, the optimiser class), the data reader's options against the reader.
+parts Hydra builds (`_target_` nodes: the trainer, the optimiser and scheduler, the model family, the decoder and
+its attention, the data reader, the DataModule) have their keys checked against the signature of what they build,
+so a new decoder or reader needs no entry here; settings that many parts share (`hidden_dim`, `dropout`, ...) are
+held to one rule each, whichever part takes them (`PART_RULES`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -168,17 +170,9 @@ class Loader:
 
 @dataclass
 class Features:
-    kind: str = one_of("pooled", "spatial")
     batch_size: int = at_least(1)
     num_workers: int = integer_or("auto")
     device: str = one_of("auto", "cpu", "cuda")
-
-
-@dataclass
-class Scheduler:
-    name: str = one_of("warmup_cosine", "none")
-    warmup_fraction: float = between(0, 1, high_open=True)
-    min_ratio: float = between(0, 1)
 
 
 @dataclass
@@ -203,35 +197,137 @@ class Metrics:
     tokenizer: str = one_of("auto", "java", "python")
 
 
-@dataclass
-class Recurrent:
-    name: str = one_of("rnn", "lstm", "lstm_init")
-    feature: str = one_of("pooled")
-    embed_dim: int = at_least(1)
-    hidden_dim: int = at_least(1)
-    num_layers: int = at_least(1)
-    dropout: float = between(0, 1, high_open=True)
+# Settings of the built parts (decoders, their attention, the model family, the scheduler), by name: any part
+# that takes a setting of this name is held to its rule.
+PART_RULES: dict[str, Mapping] = {name: f.metadata for name, f in {
+    "embed_dim": at_least(1), "hidden_dim": at_least(1), "num_layers": at_least(1), "d_model": at_least(1),
+    "num_heads": at_least(1), "encoder_layers": at_least(0),
+    "decoder_layers": at_least(1, note="cross-attention is how the decoder sees the image"), "ff_dim": at_least(1),
+    "dropout": between(0, 1, high_open=True), "position_std": at_least(0.0, kind=float), "max_len": at_least(1),
+    "alpha_c": at_least(0.0, kind=float, note="0 = no attention regulariser"), "attention_maps": at_least(0),
+    "warmup_fraction": between(0, 1, high_open=True), "min_ratio": between(0, 1),
+}.items()}
+# What a part is given when it is built rather than by its config: the data's sizes (decoders), the decoder's
+# width and dropout (attention), the optimiser and the run's length (scheduler).
+DECODER_RUNTIME = ("vocab_size", "feature_dim", "grid")
+ATTENTION_RUNTIME = ("d_model", "dropout")
+SCHEDULER_RUNTIME = ("optimizer", "total_steps")
+BUILD_KEYS = ("_target_", "_partial_")
 
 
-@dataclass
-class Transformer:
-    name: str = one_of("transformer")
-    feature: str = one_of("spatial")
-    d_model: int = at_least(1)
-    num_heads: int = at_least(1)
-    encoder_layers: int = at_least(0)
-    decoder_layers: int = at_least(1, note="cross-attention is how the decoder sees the image")
-    ff_dim: int = at_least(1)
-    dropout: float = between(0, 1, high_open=True)
-    position_std: float = at_least(0.0, kind=float)
-    max_len: int = at_least(1, optional=True)
+def target_of(node: Mapping, prefix: str, resolve: Callable[[str], Any] | None = None) -> tuple[Any, list[str]]:
+    """The class or function a `_target_` node builds, resolved by `resolve` (default: Hydra's import of any
+    dotted path), and the problems found on the way."""
+    from hydra.utils import get_object
 
-    @staticmethod
-    def relations(v: dict, prefix: str) -> list[str]:
-        if v["d_model"] % v["num_heads"]:
-            return [f"{prefix}d_model={v['d_model']} is not divisible by {prefix}num_heads={v['num_heads']} "
-                    "(set by attention.num_heads): each head takes d_model / num_heads dimensions"]
-        return []
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if not isinstance(target, str) or not target:
+        return None, [f"{prefix}_target_ is missing: name the class or function it builds"]
+    try:
+        return (resolve or get_object)(target), []
+    except Exception as e:  # any import failure is the config's target: say which
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return None, [f"{prefix}_target_={_shown(target)} cannot be imported ({detail})"]
+
+
+def parameters(target: Callable) -> dict[str, inspect.Parameter]:
+    """The named parameters `target` takes: a function's, or a class's `__init__`'s, followed up the class
+    hierarchy while an `__init__` hands `**kwargs` on to its base."""
+    chain = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
+    out: dict[str, inspect.Parameter] = {}
+    for fn in chain:
+        params = inspect.signature(fn).parameters
+        for n, p in params.items():
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                out.setdefault(n, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return out
+
+
+def check_part(node: Mapping, target: Callable, prefix: str, runtime: Sequence[str] = (),
+               partial: bool = True) -> list[str]:
+    """A built part's node against what it builds: keys it does not take (with the nearest as a hint), settings
+    it needs that are missing, `_partial_` where the part is completed later, and the values `PART_RULES` knows."""
+    params = parameters(target)
+    takes = [n for n in params if n not in runtime]
+    problems = unknown_keys([k for k in node if k not in BUILD_KEYS], takes, prefix)
+    problems += [f"{prefix}{n} is missing: {getattr(target, '__name__', target)} needs it" for n in takes
+                 if params[n].default is params[n].empty and n not in node]
+    if partial and node.get("_partial_") is not True:
+        problems.append(f"{prefix}_partial_={_shown(node.get('_partial_'))} cannot work: allowed is true (the part "
+                        "is completed when it is built)")
+    for name, value in node.items():
+        meta = PART_RULES.get(name)
+        if meta is not None and not _valid(value, meta):
+            note = f" ({meta['note']})" if meta.get("note") else ""
+            problems.append(f"{prefix}{name}={_shown(value)} cannot work: allowed is {_describe(meta)}{note}")
+    return problems
+
+
+def check_decoder(node: Mapping, prefix: str = "decoder.", resolve: Callable[[str], Any] | None = None) -> list[str]:
+    """A decoder node: its class (the decoder interface of captioner.decoders), its settings, and its attention
+    mechanism (a part of its own) with the widths they must share."""
+    from torch import nn
+
+    from .decoders import interface_problem
+
+    if not isinstance(node, Mapping):
+        return [f"{prefix.rstrip('.')}={_shown(node)}: allowed is a mapping of decoder settings"]
+    cls, problems = target_of(node, prefix, resolve)
+    if cls is None:
+        return problems
+    why = interface_problem(cls)
+    if why:
+        return [f"{prefix}_target_={_shown(node['_target_'])} is not a decoder: {why}"]
+    problems += check_part(node, cls, prefix, DECODER_RUNTIME)
+    attention = node.get("attention")
+    if isinstance(attention, Mapping):
+        att_cls, att_problems = target_of(attention, f"{prefix}attention.", resolve)
+        problems += att_problems
+        if att_cls is not None and not (isinstance(att_cls, type) and issubclass(att_cls, nn.Module)
+                                        and callable(getattr(att_cls, "keys_values", None))):
+            problems.append(f"{prefix}attention._target_={_shown(attention['_target_'])} is not an attention "
+                            "mechanism (an nn.Module with keys_values, as captioner.decoders.MultiHeadAttention)")
+        elif att_cls is not None:
+            problems += check_part(attention, att_cls, f"{prefix}attention.", ATTENTION_RUNTIME)
+        heads, width = attention.get("num_heads"), node.get("d_model")
+        if not problems and isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
+            problems.append(f"{prefix}d_model={width} is not divisible by {prefix}attention.num_heads={heads}: each "
+                            "head takes d_model / num_heads dimensions")
+    elif attention is not None:
+        problems.append(f"{prefix}attention={_shown(attention)}: allowed is an attention mechanism (attention=...) or "
+                        "null")
+    return problems
+
+
+def check_model(node: Mapping) -> list[str]:
+    """The model node: a name, and the LightningModule family (`_target_`, set by attention/) with its own settings
+    (the rest of its arguments come from the other sections)."""
+    from .modules import Captioner
+
+    cls, problems = target_of(node, "model.")
+    if cls is None:
+        return problems
+    if not (isinstance(cls, type) and issubclass(cls, Captioner)):
+        return [f"model._target_={_shown(node['_target_'])} is not a captioner LightningModule (a subclass of "
+                "captioner.modules.Captioner)"]
+    problems = [] if isinstance(node.get("name"), str) else [f"model.name={_shown(node.get('name'))} cannot work: "
+                                                            "allowed is a string"]
+    if "variant" in node and not _valid(node["variant"], {"kind": int, "low": 1}):
+        problems.append(f"model.variant={_shown(node['variant'])} cannot work: allowed is an integer >= 1")
+    own = {k: v for k, v in node.items() if k not in ("name", "variant")}
+    given_by_code = [n for n in inspect.signature(Captioner.__init__).parameters if n != "self"]
+    return problems + check_part(own, cls, "model.", given_by_code, partial=False)
+
+
+def check_scheduler(node: Mapping | None) -> list[str]:
+    if node is None:
+        return []  # scheduler=none: a constant learning rate
+    if not isinstance(node, Mapping):
+        return [f"scheduler={_shown(node)}: allowed is a scheduler (scheduler=...) or null"]
+    target, problems = target_of(node, "scheduler.")
+    return problems or check_part(node, target, "scheduler.", SCHEDULER_RUNTIME)
 
 
 @dataclass
@@ -246,10 +342,11 @@ class Encoder:
 
     @staticmethod
     def relations(v: dict, prefix: str) -> list[str]:
-        from .encoders import ENCODERS
+        from .encoders import known_encoders
 
-        if not v.get("timm_name") and v["name"] not in ENCODERS:
-            return [f"{prefix}name={v['name']!r} is not a known encoder: allowed is one of {' | '.join(ENCODERS)}, "
+        known = known_encoders()
+        if not v.get("timm_name") and v["name"] not in known:
+            return [f"{prefix}name={v['name']!r} is not a known encoder: allowed is one of {' | '.join(known)}, "
                     f"or set {prefix}timm_name to a timm model name"]
         return []
 
@@ -257,7 +354,6 @@ class Encoder:
 @dataclass
 class Shapes:
     name: str = text()
-    format: str = one_of("shapes")
     root: str = text()
     num_train: int = at_least(1)
     num_val: int = at_least(1)
@@ -268,7 +364,7 @@ class Shapes:
 
 
 # The config's top-level keys (conf/train.yaml and its groups): a `+key=...` beside them is a typo, not a setting.
-TOP_LEVEL = {"attention", "callbacks", "ckpt_path", "data", "decode", "decoder", "encoder", "features",
+TOP_LEVEL = {"attention", "callbacks", "ckpt_path", "data", "datamodule", "decode", "decoder", "encoder", "features",
              "label_smoothing", "loader", "logger", "metrics", "model", "offline_encoder_swap", "optimizer", "paths",
              "run_name", "scheduler", "seed", "task", "text", "trainer"}
 SEED = {"kind": int, "low": 0, "high": 2**32 - 1, "high_open": False}
@@ -282,19 +378,24 @@ def _check_value(cfg: DictConfig, key: str, meta: Mapping) -> list[str]:
 
 
 def check_data(data: Mapping) -> list[str]:
-    """The shapes world's sizes, or a real format's reader options (checked against the reader's signature)."""
-    if data.get("format") == "shapes":
-        return check_section(data, Shapes, "data.")
-    from .data.formats import READERS
+    """The data node: its reader (`data.reader`, a `_partial_` node whose options are checked against the reader
+    function), and the shapes world's sizes or a real dataset's split seed."""
+    from .data import is_shapes
 
-    problems = unknown_keys(data.keys(), ("name", "format", "root", "split_seed", "reader"), "data.")
-    if data.get("format") not in READERS:
-        return problems + [f"data.format={_shown(data.get('format'))} is not a known format: allowed is one of "
-                           f"shapes | {' | '.join(READERS)}"]
+    reader = data.get("reader")
+    if not isinstance(reader, Mapping):
+        return [f"data.reader={_shown(reader)}: allowed is the reader (_target_: a function reading the dataset "
+                "from data.root) with its options"]
+    target, problems = target_of(reader, "data.reader.")
+    if target is not None:
+        problems += check_part(reader, target, "data.reader.", runtime=("root", "progress"))
+    rest = {k: v for k, v in data.items() if k != "reader"}
+    if is_shapes(data):
+        return problems + check_section(rest, Shapes, "data.")
+    problems += unknown_keys(rest.keys(), ("name", "root", "split_seed"), "data.")
     if "split_seed" in data and not _valid(data["split_seed"], SEED):
         problems.append(f"data.split_seed={_shown(data['split_seed'])} cannot work: allowed is {_describe(SEED)}")
-    return problems + check_keyword_options(data.get("reader") or {}, READERS[data["format"]], "data.reader.",
-                                            skip=("root",))
+    return problems
 
 
 # The trainer values checked here; the others are Lightning's to check (it names the key in its own message).
@@ -331,6 +432,18 @@ def check_optimizer(optimizer: Mapping) -> list[str]:
     return problems
 
 
+def check_datamodule(cfg: DictConfig) -> list[str]:
+    """The DataModule node's keys against the DataModule (its values are the sections checked above)."""
+    node = cfg.get("datamodule")
+    if node is None:
+        return ["datamodule is missing from the configuration"]
+    target, problems = target_of(node, "datamodule.")
+    if target is None:
+        return problems
+    return check_keyword_options({k: None for k in node.keys() if k != "_recursive_"}, target.__init__,
+                                 "datamodule.")
+
+
 def _section(cfg: DictConfig, key: str) -> Any:
     """cfg[key] as plain data, interpolations resolved; an interpolation that cannot resolve is a config error."""
     try:
@@ -344,7 +457,8 @@ def check_config(cfg: DictConfig, task: str = "train") -> None:
     """Refuse a composed `train` / `eval` config with any value that cannot work: one ConfigError listing each
     key, its value and what is allowed."""
     c = {name: _section(cfg, name) for name in
-         ("text", "loader", "features", "scheduler", "decode", "metrics", "encoder", "decoder", "data", "optimizer")}
+         ("text", "loader", "features", "scheduler", "decode", "metrics", "encoder", "decoder", "data", "optimizer",
+          "model")}
     # Not resolved as a whole: its output paths name Hydra's run dir, which only exists inside a Hydra run.
     c["trainer"] = {k: _section(cfg.trainer, k) if k in TRAINER_VALUES else None for k in cfg.trainer} \
         if "trainer" in cfg else None
@@ -353,13 +467,14 @@ def check_config(cfg: DictConfig, task: str = "train") -> None:
     problems += check_section(c.get("text"), Text, "text.")
     problems += check_section(c.get("loader"), Loader, "loader.")
     problems += check_section(c.get("features"), Features, "features.")
-    problems += check_section(c.get("scheduler"), Scheduler, "scheduler.")
+    problems += check_scheduler(c.get("scheduler"))
     problems += check_section(c.get("decode"), Decode, "decode.")
     problems += check_section(c.get("metrics"), Metrics, "metrics.")
     problems += _check_value(cfg, "label_smoothing", {"kind": float, "low": 0, "high": 1, "high_open": True})
     problems += check_section(c.get("encoder"), Encoder, "encoder.")
-    decoder = c.get("decoder") or {}
-    problems += check_section(decoder, Transformer if decoder.get("feature") == "spatial" else Recurrent, "decoder.")
+    problems += check_decoder(c.get("decoder"))
+    problems += check_model(c.get("model") or {})
+    problems += check_datamodule(cfg)
     problems += check_data(c.get("data") or {})
     problems += check_trainer(c["trainer"] or {})
     if task == "train":

@@ -19,13 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, check_state_matches, checked_hyper_parameters, read_checkpoint
-from .config import resolve_device, resolve_extraction_workers, resolve_precision
+from .config import resolve_precision
+from .data import is_shapes
 from .data.datamodule import CaptionDataModule
 from .data.vocabulary import Vocabulary
 from .errors import ConfigError
 from .files import atomic_write_text
 from .memory import keep_freed_memory
-from .models import FAMILIES
+from .scoring.metrics import caption_prior_baseline
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +38,44 @@ def check_config(cfg: DictConfig) -> None:
 
     schema.check_config(cfg, task=cfg.get("task", "train"))
     check_encoder_not_swapped(cfg)
-    family, feature = cfg.model.family, cfg.decoder.feature
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family={family} is not one of {', '.join(FAMILIES)}")
-    if (family == "attention") != (feature == "spatial"):
+    check_parts_fit(cfg)
+
+
+def check_parts_fit(cfg: DictConfig) -> None:
+    """The decoder must read the features the model family feeds it (attention=none: a pooled vector; an attention
+    mechanism: spatial tokens), and an attention mechanism needs a decoder that attends with it."""
+    from hydra.utils import get_class
+
+    decoder, attention = choice(cfg, "decoder"), choice(cfg, "attention")
+    family = get_class(cfg.model._target_)
+    reads = get_class(cfg.decoder._target_).feature
+    if cfg.attention is not None and "attention" not in cfg.decoder:
         raise ConfigError(
-            f"model.family={family} cannot use decoder={cfg.decoder.name} (it consumes {feature} features); "
-            "use decoder=transformer for the attention family and rnn/lstm/lstm_init for the recurrent one")
-    if cfg.attention.name != "none" and feature != "spatial":
+            f"attention={attention} attends over spatial tokens, but decoder={decoder} reads a pooled vector and has "
+            "no attention; use attention=none, or model=dino_attention / decoder=transformer")
+    if reads != family.feature:
         raise ConfigError(
-            f"attention={cfg.attention.name} attends over spatial tokens, but decoder={cfg.decoder.name} consumes "
-            "a pooled vector; use attention=none, or model=dino_attention / decoder=transformer")
+            f"decoder={decoder} reads {reads} features, but attention={attention} makes the model a "
+            f"{family.__name__}, which feeds it {family.feature} ones; use decoder=transformer with attention=mha, "
+            "and rnn/lstm/lstm_init with attention=none")
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    """The option of a config group this run composed (as Hydra recorded it, else found by its `_target_`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import option_name
+
+    if HydraConfig.initialized() and HydraConfig.get().runtime.choices.get(group):
+        return str(HydraConfig.get().runtime.choices[group])
+    return option_name(group, cfg.get(group))
 
 
 def check_encoder_not_swapped(cfg: DictConfig) -> None:
     """The default experiment=shapes_offline puts the packaged EfficientNet-Lite0 in place of each model's own
     encoder, which suits the offline shapes demo only: on real data it would silently train another model than the
     one named, so it is refused with the ways out."""
-    if cfg.get("offline_encoder_swap") != cfg.encoder.name or cfg.data.format == "shapes":
+    if cfg.get("offline_encoder_swap") != cfg.encoder.name or is_shapes(cfg.data):
         return  # no swap, an encoder named on the command line, or the data the swap is for
     raise ConfigError(
         f"data={cfg.data.name} with the default experiment=shapes_offline would train model={cfg.model.name} on the "
@@ -64,28 +85,33 @@ def check_encoder_not_swapped(cfg: DictConfig) -> None:
         "experiment=none encoder=efficientnet_lite0 to use Lite0 on purpose")
 
 
-def build_datamodule(cfg: DictConfig, vocab=None) -> CaptionDataModule:
-    """The DataModule of a composed config (`vocab`: a checkpoint's, instead of building one from train)."""
-    device = resolve_device(cfg.features.device)
-    return CaptionDataModule(
-        data=OmegaConf.to_container(cfg.data, resolve=True),
-        encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
-        cache_dir=cfg.paths.cache_dir, feature=cfg.decoder.feature,
-        batch_size=cfg.loader.batch_size, eval_batch_size=cfg.loader.eval_batch_size,
-        num_workers=cfg.loader.num_workers, min_word_count=cfg.text.min_word_count, max_length=cfg.text.max_length,
-        extraction={"batch_size": cfg.features.batch_size, "device": device,
-                    "num_workers": resolve_extraction_workers(cfg.features.num_workers, device)},
-        vocab=vocab, group_by_image=cfg.loader.group_by_image,
-        group_by_length=cfg.loader.group_by_length, seed=cfg.seed, test_split=cfg.get("split", "test"))
+def build_datamodule(cfg: DictConfig, vocab=None, feature: str | None = None) -> CaptionDataModule:
+    """The DataModule of a composed config (`cfg.datamodule`), reading the features the model family feeds its
+    decoder (`feature`: those of a checkpoint's model instead); `vocab`: a checkpoint's, instead of building one
+    from train."""
+    node = OmegaConf.to_container(cfg.datamodule, resolve=True)
+    return hydra.utils.instantiate(node, feature=feature or model_family(cfg).feature, vocab=vocab,
+                                   _convert_="all")
+
+
+def model_family(cfg: DictConfig) -> type:
+    """The LightningModule class the config builds (`model._target_`, set by the attention/ option)."""
+    return hydra.utils.get_class(cfg.model._target_)
 
 
 def build_model(cfg: DictConfig, dm: CaptionDataModule):
-    decoder = {k: v for k, v in OmegaConf.to_container(cfg.decoder, resolve=True).items() if k != "feature"}
-    return FAMILIES[cfg.model.family](
-        vocab=dm.vocab.to_dict(), decoder=decoder, encoder=dm.encoder_spec.to_dict(), model_name=cfg.model.name,
-        feature_dim=dm.feature_dim, grid=tuple(dm.grid), optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=OmegaConf.to_container(cfg.scheduler), label_smoothing=cfg.label_smoothing,
-        decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor, tokenizer=cfg.metrics.tokenizer)
+    """The LightningModule of `model._target_` (its family) around the decoder of `decoder` (a `_partial_` node,
+    kept as plain data in the checkpoint), completed with what the data decided."""
+    module = OmegaConf.to_container(cfg.model, resolve=True)
+    name = module.pop("name")
+    module.pop("variant", None)  # the variant's number, for listing
+    scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None
+    return hydra.utils.instantiate(
+        module, vocab=dm.vocab.to_dict(), decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
+        encoder=dm.encoder_spec.to_dict(), model_name=name, feature_dim=dm.feature_dim, grid=tuple(dm.grid),
+        optimizer=hydra.utils.instantiate(cfg.optimizer), scheduler=scheduler, label_smoothing=cfg.label_smoothing,
+        decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor, tokenizer=cfg.metrics.tokenizer,
+        _recursive_=False, _convert_="all")  # the decoder's node stays data: the module builds it
 
 
 def instantiate_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
@@ -169,7 +195,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     L.seed_everything(cfg.seed, workers=True)
     if "offline" in str(cfg.run_name):
         log.info("experiment=shapes_offline: %s runs with the packaged EfficientNet-Lite0 in place of its own "
-                 "encoder (%s features)", cfg.model.name, cfg.decoder.feature)
+                 "encoder (%s features)", cfg.model.name, model_family(cfg).feature)
 
     resumed = read_checkpoint(ckpt_path) if ckpt_path else None
     # A resumed model keeps its own vocabulary: one rebuilt from captions edited since would renumber its words.
@@ -209,9 +235,10 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
         return sweep_value
     baseline = caption_prior_baseline(dm, model.test_predictions, tokenizer=cfg.metrics.tokenizer)
     metrics = {
-        "model": cfg.model.name, "run_name": cfg.run_name, "family": cfg.model.family,
+        "model": cfg.model.name, "run_name": cfg.run_name, "family": model.family,
         "encoder": dm.encoder_spec.name, "encoder_weights": str(dm.encoder_spec.weights),
-        "decoder": cfg.decoder.name, "attention": cfg.attention.name, "data": cfg.data.name,
+        "decoder": choice(cfg, "decoder"), "attention": choice(cfg, "attention"),
+        "data": cfg.data.name,
         "test": test,
         "caption_prior_bleu_4": baseline,
         "best_val_bleu_4": value,
@@ -223,6 +250,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions.jsonl", dm, model.test_predictions)
+    model.write_test_outputs(run_dir, dm.records[dm.test_split], loggers)
     for lg in loggers:
         lg.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
         _log_samples(lg, dm, model.test_predictions)
@@ -266,39 +294,6 @@ def check_training_state(ckpt: dict, path: str) -> None:
             f"{path}: cannot resume from it: it holds no training state ({', '.join(lacking)} missing), only what "
             "evaluation needs. Evaluate it with eval.py ckpt_path=..., or resume from the run's own "
             "checkpoints/last.ckpt")
-
-
-def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,
-                           fit_images: int = 300, tokenizer: str = "auto") -> float:
-    """Test BLEU-4 of a model that never looks at the image: the one constant caption that scores best on (part
-    of) the TRAINING images, chosen among the most frequent training captions, given to every test image.
-    A captioner must beat this clearly to show that it uses the image at all. All text is tokenised once, as the
-    evaluation tokenises it (`tokenizer`: see `captioner.metrics`)."""
-    from collections import Counter
-
-    from .metrics import bleu_from_stats, bleu_stats, caption_metrics, cook_references
-    from .ptb_tokenizer import ptb_tokenize
-
-    if not predictions:
-        return 0.0
-    def tokenized(groups: list[list[str]]) -> list[list[str]]:  # each set in its own call, as metrics does
-        tokens = iter(ptb_tokenize([c for refs in groups for c in refs], backend=tokenizer))
-        return [[next(tokens) for _ in refs] for refs in groups]
-
-    train = tokenized([r.captions for r in dm.records["train"]])
-    test = tokenized([p["references"] for p in predictions])
-    pool = [c for c, _ in Counter(c for refs in train for c in refs).most_common(candidates)]
-    fit = train[:fit_images]
-    # The same corpus BLEU-4 as caption_metrics, from sufficient statistics with the references cooked once: a full
-    # pycocoevalcap run per candidate took 25 s of every training run.
-    cooked = cook_references(fit, tokenizer=None)
-
-    def train_bleu_4(caption: str) -> float:
-        stats = bleu_stats([caption] * len(fit), fit, cooked=cooked, tokenizer=None)
-        return float(bleu_from_stats(stats.sum(0))[3])
-
-    best = max(pool, key=train_bleu_4)
-    return caption_metrics([best] * len(test), test, meteor=False, tokenizer=None)["bleu_4"]
 
 
 def _epoch_of(path: str | None) -> int | None:

@@ -49,7 +49,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-VARIANTS = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
+from captioner.config import variants  # noqa: E402
+
+VARIANTS = variants()
 GOALS = {"extraction_vs_forward": (">=", 0.9), "cached_speedup": (">=", 30.0), "batched_beam_speedup": (">=", 10.0),
          "rss_ratio_10x": ("<=", 1.3), "demo_sweep_seconds": ("<=", 900.0)}
 
@@ -69,9 +71,8 @@ ROUNDS = {"n": 5}  # rounds of paired timings behind each ratio (1 with --smoke)
 
 def _paired(fast, slow) -> tuple[float, float, float]:
     """Seconds of one call of `fast` and of `slow` (medians), and the median of their per-round ratio slow/fast.
-    The two are timed alternately, round by round, after one warm-up call each: this host's speed drifts by up to
-    30 % within minutes, and a ratio of two timings taken a minute apart moved by as much (the extraction ratio
-    read 0.76-1.14 on the same code, the cached-step ratio 19-29x)."""
+    The two are timed alternately, round by round, after one warm-up call each: this host's speed drifts within
+    minutes, so a ratio of two timings taken apart would carry that drift."""
     fast()
     slow()
     times = [(_timed(fast, warm_up=False), _timed(slow, warm_up=False)) for _ in range(ROUNDS["n"])]

@@ -6,7 +6,8 @@ import torch
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.vocabulary import normalize
 
-DATA = {"name": "shapes", "format": "shapes", "root": None, "num_train": 60, "num_val": 20, "num_test": 20, "seed": 3}
+DATA = {"name": "shapes", "root": None, "reader": {"_target_": "captioner.data.shapes.build_shapes", "_partial_": True,
+                                                    "num_train": 60, "num_val": 20, "num_test": 20, "seed": 3}}
 ENCODER = {"name": "efficientnet_lite0", "weights": "package", "input_size": 224, "crop_pct": 1.0}
 
 

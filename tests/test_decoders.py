@@ -7,12 +7,28 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.vocabulary import Vocabulary
-from captioner.decoders import DECODERS, LSTMInitDecoder, TransformerDecoder, build_decoder
+from captioner.config import options
+from captioner.decoders import LSTMInitDecoder, TransformerDecoder
 from captioner.decoding import greedy_decode
+from captioner.modules import build_part
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 V, D, GRID = 24, 32, (2, 3)  # 4 specials + 20 words; a 2x3 grid of 32-dim image tokens
-NAMES = list(DECODERS)
+NAMES = options("decoder")
+
+
+def decoder_factory(name: str):
+    """The decoder of conf/decoder/<name>.yaml as training builds it (a partial), with the multi-head attention of
+    conf/attention/mha.yaml where it attends."""
+    from captioner.config import compose
+    from omegaconf import OmegaConf
+
+    attention = ["attention=mha"] if name == "transformer" else []
+    return build_part(OmegaConf.to_container(compose([f"decoder={name}", *attention]).decoder, resolve=True))
+
+
+def build_decoder(name: str, **kwargs) -> torch.nn.Module:
+    return decoder_factory(name)(**kwargs)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,10 +71,15 @@ def stepwise(decoder, feats: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def test_registry_and_unknown_name():
-    assert set(DECODERS) == {"rnn", "lstm", "lstm_init", "transformer"}
-    with pytest.raises(ValueError, match=r"decoder\.name.*rnn, lstm, lstm_init, transformer"):
-        build_decoder("gru", vocab_size=V, feature_dim=D)
+def test_every_decoder_config_builds_a_decoder_class():
+    from captioner.decoders import interface_problem
+
+    assert set(NAMES) == {"rnn", "lstm", "lstm_init", "transformer"}
+    for name in NAMES:
+        factory = decoder_factory(name)
+        assert interface_problem(factory.func) is None, name
+    with pytest.raises(ValueError, match="attention mechanism"):
+        TransformerDecoder(vocab_size=V, feature_dim=D, grid=GRID, attention=None)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -193,8 +214,6 @@ def test_overfits_a_tiny_set(name):
 @pytest.mark.parametrize("name", ["rnn", "lstm", "lstm_init", "transformer"])
 def test_image_index_equals_repeating_the_features(name):
     """Batches carry each image once plus caption->image indices; that must equal repeating the features."""
-    from captioner.decoders import build_decoder
-
     torch.manual_seed(0)
     extra = {"grid": (2, 3)} if name == "transformer" else {}
     dec = build_decoder(name, vocab_size=20, feature_dim=8, **extra).eval()
@@ -263,3 +282,21 @@ def test_transformer_beams_share_one_copy_of_the_image_keys_values():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
             torch.testing.assert_close(att_a, att_b, rtol=0, atol=1e-6)
             tokens = a.argmax(-1)
+
+
+def test_teacher_forced_attention_is_the_step_wise_attention():
+    """`forward(..., return_attention=True)` (what the attention regulariser reads) gives the same logits as plain
+    teacher forcing, and per position the cross-attention step-wise decoding reports for that word."""
+    torch.manual_seed(0)
+    dec = make("transformer").eval()
+    feats, caps = features(dec, 3), captions([2, 5, 1], L=8)
+    with torch.no_grad():
+        logits, att = dec(feats, caps, return_attention=True)
+        torch.testing.assert_close(logits, dec(feats, caps), rtol=0, atol=1e-5)
+        state, steps = dec.init_state(feats), []
+        for t in range(caps.shape[1] - 1):
+            _, state, a = dec.step(caps[:, t], state, return_attention=True)
+            steps.append(a)
+    assert att.shape == (3, 7, GRID[0] * GRID[1])
+    torch.testing.assert_close(att, torch.stack(steps, dim=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(att.sum(-1), torch.ones(3, 7), rtol=0, atol=1e-5)

@@ -10,7 +10,6 @@ from PIL import Image
 
 from captioner.data import formats as F
 from captioner.data.formats import (
-    READERS,
     describe_layout,
     flickr_split_counts,
     proportional_counts,
@@ -22,6 +21,7 @@ from captioner.data.formats import (
     read_karpathy,
     seeded_split,
 )
+from captioner.config import options
 from captioner.data.records import DatasetError
 
 
@@ -523,7 +523,19 @@ def test_seeded_split_is_deterministic_and_order_independent():
         seeded_split(keys, 0, (1, 1, 1))
 
 
+def data_readers() -> dict:
+    """The reader function of each real-data config (conf/data/<name>.yaml's `data.reader._target_`)."""
+    from hydra.utils import get_method
+
+    from captioner.config import compose
+    from captioner.data import is_shapes
+
+    nodes = {name: compose([f"data={name}", "experiment=none"]).data for name in options("data")}
+    return {name: get_method(node.reader._target_) for name, node in nodes.items() if not is_shapes(node)}
+
+
 def test_layouts_and_registry(tmp_path):
+    READERS = data_readers()
     assert set(READERS) == {"flickr8k", "flickr8k_csv", "flickr30k", "karpathy", "coco", "csv"}
     expected = {"flickr8k": "Flicker8k_Dataset/*.jpg", "flickr8k_csv": "Images/*.jpg",
                 "flickr30k": "results_20130124.token", "karpathy": "dataset_flickr8k.json",

@@ -28,7 +28,7 @@ from conftest import REPO, run_script
 # Small decoders: the checkpoints are a few hundred kB and load in milliseconds.
 RECURRENT = ["decoder.embed_dim=16", "decoder.hidden_dim=32"]
 ATTENTION = ["model=dino_attention", "decoder.d_model=32", "decoder.ff_dim=64", "decoder.decoder_layers=1",
-             "attention.encoder_layers=1", "attention.num_heads=2"]
+             "decoder.encoder_layers=1", "attention.num_heads=2"]
 VOCAB = [f"w{i}" for i in range(40)]
 
 
@@ -210,8 +210,28 @@ def test_unknown_decoder_setting(ckpts, tmp_path):
 
 def test_unknown_decoder_name(ckpts, tmp_path):
     path = damaged(ckpts.recurrent, tmp_path / "gru.ckpt",
-                   lambda c: c["hyper_parameters"]["decoder"].__setitem__("name", "gru"))
-    refused(path, "hyper_parameters.decoder.name='gru'", "rnn | lstm | lstm_init | transformer")
+                   lambda c: c["hyper_parameters"]["decoder"].__setitem__("_target_", "captioner.decoders.GRUDecoder"))
+    refused(path, "hyper_parameters.decoder._target_='captioner.decoders.GRUDecoder'",
+            "captioner.decoders.RNNDecoder | captioner.decoders.LSTMDecoder | captioner.decoders.LSTMInitDecoder | "
+            "captioner.decoders.TransformerDecoder")
+
+
+@pytest.mark.parametrize("target", ["os.system", "subprocess.Popen", "torch.nn.Linear", "captioner.caption.os",
+                                    "captioner.decoders.recurrent.nn.LSTM", "captioner.modules.PooledCaptioner"])
+def test_a_decoder_target_outside_the_package_is_never_imported(ckpts, tmp_path, target):
+    """A checkpoint is untrusted: its `_target_`s name classes of this package that are decoders (attention
+    mechanisms), and nothing else is imported or built from it."""
+    import sys
+
+    def edit(c):
+        c["hyper_parameters"]["decoder"]["_target_"] = target
+
+    before = set(sys.modules)
+    refused(damaged(ckpts.recurrent, tmp_path / "target.ckpt", edit), f"hyper_parameters.decoder._target_='{target}'")
+    assert set(sys.modules) - before == set()
+    attention = damaged(ckpts.attention, tmp_path / "attention.ckpt",
+                        _set("decoder", "attention", "_target_", value=target))
+    refused(attention, "hyper_parameters.decoder.attention._target_=")
 
 
 def test_hyper_parameters_that_are_not_a_mapping(ckpts, tmp_path):

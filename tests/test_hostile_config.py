@@ -53,7 +53,7 @@ TRAIN_CASES = {
     "misspelled_reader_key": (["experiment=flickr8k", "+data.reader.token_fil=x"],
                               ["data.reader.token_fil", "did you mean data.reader.token_file"]),
     "heads_not_dividing": (["model=dino_attention", "attention.num_heads=3"],
-                           ["decoder.d_model=256", "decoder.num_heads=3"]),
+                           ["decoder.d_model=256", "attention.num_heads=3"]),
     "unknown_resize": (["encoder.resize=stretch"], ["encoder.resize='stretch'", "squash | crop | pad"]),
     "unknown_tokenizer": (["metrics.tokenizer=nltk"], ["metrics.tokenizer='nltk'", "auto | java | python"]),
     "warmup_fraction_1": (["scheduler.warmup_fraction=1"], ["scheduler.warmup_fraction=1", "[0, 1)"]),

@@ -57,8 +57,9 @@ def csv_dataset(root: Path, splits: list[str | None], bad: set[int] = frozenset(
         for _ in range(2):
             rows.append(f"{name},{' '.join(rng.choice(WORDS, 6))},{split or ''}")
     (root / "captions.csv").write_text("\n".join(rows) + "\n")
-    return {"name": "csv", "format": "csv", "root": str(root),
-            "reader": {"file": "captions.csv", "images_dir": "images"}}
+    return {"name": "csv", "root": str(root),
+            "reader": {"_target_": "captioner.data.formats.read_csv", "_partial_": True, "file": "captions.csv",
+                       "images_dir": "images"}}
 
 
 def datamodule(data: dict, cache_dir: Path, **kw) -> CaptionDataModule:
@@ -188,8 +189,9 @@ def test_an_empty_train_split_is_refused(tmp_path, no_extraction):
 
 
 def test_a_shapes_world_without_val_images_says_which_key_to_set(tmp_path, no_extraction):
-    data = {"name": "shapes", "format": "shapes", "root": str(tmp_path / "shapes"), "num_train": 3, "num_val": 0,
-            "num_test": 1, "seed": 0, "image_size": 32}
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"),
+            "reader": {"_target_": "captioner.data.shapes.build_shapes", "_partial_": True, "num_train": 3,
+                       "num_val": 0, "num_test": 1, "seed": 0, "image_size": 32}}
     with pytest.raises(DatasetError, match=r"the val split has no usable image .* Set data\.num_val to 1 or more"):
         datamodule(data, tmp_path / "cache").setup("fit")
 
@@ -499,7 +501,7 @@ def same_size_images(tmp_path):
 
 def test_an_image_replaced_by_another_of_the_same_size_and_mtime_is_re_extracted_alone(
         same_size_images, lite0, tmp_path, caplog, monkeypatch):
-    import captioner.features as features
+    import captioner.features.cache as features
 
     # the 2 s guard against coarse timestamps would have every image of a millisecond-long test hashed again
     monkeypatch.setattr(features, "RACY_NS", 0)

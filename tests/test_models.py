@@ -4,12 +4,12 @@ import lightning as L
 import pytest
 import torch
 
-from captioner.config import compose
+from captioner.config import compose, options
 from captioner.data.vocabulary import normalize
-from captioner.metrics import caption_metrics
+from captioner.scoring.metrics import caption_metrics
 from captioner.training import ConfigError, build_datamodule, build_model, check_config
 
-VARIANTS = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
+VARIANTS = options("model")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def overfit_config(model, root):
     return compose([
         f"model={model}", f"paths.root_dir={root}", "data.num_train=8", "data.num_val=2", "data.num_test=2",
         "data.captions_per_image=1", "text.min_word_count=1", "loader.batch_size=8", "features.num_workers=0",
-        "scheduler.name=none", "optimizer.lr=3e-3", "decoder.dropout=0.0", "metrics.meteor=false",
+        "scheduler=none", "optimizer.lr=3e-3", "decoder.dropout=0.0", "metrics.meteor=false",
         "trainer.max_epochs=1",
     ])
 
@@ -75,8 +75,10 @@ def test_checkpoint_hyperparameters_carry_vocab_and_encoder(few_images_root):
     assert hp.vocab["itos"] == dm.vocab.itos
     assert hp.encoder["name"] == "efficientnet_lite0" and hp.encoder["weights"] == "package"
     assert hp.encoder["input_size"] == 224 and hp.encoder["crop_pct"] == 1.0
-    assert hp.decoder["name"] == "transformer" and tuple(hp.grid) == (7, 7)
-    assert "optimizer" not in hp
+    assert hp.decoder["_target_"] == "captioner.decoders.TransformerDecoder" and tuple(hp.grid) == (7, 7)
+    assert hp.decoder["attention"] == {"_target_": "captioner.decoders.MultiHeadAttention", "_partial_": True,
+                                       "num_heads": 4}
+    assert "optimizer" not in hp and "scheduler" not in hp
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
@@ -102,3 +104,58 @@ def test_fused_adamw_gradients_are_clipped_under_lightning(precision, few_images
                         limit_val_batches=0, callbacks=[GradNorm()])
     trainer.fit(module, datamodule=dm)
     assert len(norms) == 2 and max(norms) <= 1e-3 * (1 + 1e-3)
+
+
+def attention_module(alpha_c: float, seed: int = 0):
+    """A small AttentionCaptioner as the config builds it (transformer decoder, multi-head attention)."""
+    from captioner.modules import AttentionCaptioner
+
+    torch.manual_seed(seed)
+    decoder = {"_target_": "captioner.decoders.TransformerDecoder", "_partial_": True, "d_model": 16,
+               "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 32, "dropout": 0.0,
+               "attention": {"_target_": "captioner.decoders.MultiHeadAttention", "_partial_": True, "num_heads": 2}}
+    vocab = {"itos": ["<pad>", "<sos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(10)]}
+    return AttentionCaptioner(alpha_c=alpha_c, vocab=vocab, decoder=decoder, encoder={"name": "efficientnet_lite0"},
+                              feature_dim=8, grid=(2, 2))
+
+
+def test_the_attention_regulariser_is_show_attend_tells_doubly_stochastic_term():
+    feats = torch.randn(2, 4, 8)
+    caps = torch.tensor([[1, 4, 5, 2, 0], [1, 6, 7, 8, 2]])
+    index = torch.tensor([0, 1])
+    off, on = attention_module(0.0), attention_module(0.5)
+    on.load_state_dict(off.state_dict())
+    assert torch.equal(off.training_loss(feats, caps, index), off.caption_loss(feats, caps, index))
+    logits, att = on.decoder(feats, caps, index, return_attention=True)
+    words = (caps[:, 1:] != 0).float()  # the pad position predicts nothing and is left out
+    expected = on.caption_loss(feats, caps, index) + 0.5 * ((1 - (att * words[..., None]).sum(1)) ** 2).sum(1).mean()
+    torch.testing.assert_close(on.training_loss(feats, caps, index), expected)
+    on.training_loss(feats, caps, index).backward()  # the term is differentiable end to end
+    assert on.decoder.blocks[0].cross_attn.q.weight.grad is not None
+
+
+def test_a_pooled_family_refuses_a_decoder_that_reads_spatial_tokens():
+    from captioner.modules import PooledCaptioner
+
+    module = attention_module(0.0)
+    with pytest.raises(ValueError, match="PooledCaptioner feeds its decoder pooled features"):
+        PooledCaptioner(vocab=module.hparams.vocab, decoder=module.hparams.decoder, encoder=module.hparams.encoder,
+                        feature_dim=8, grid=(2, 2))
+
+
+def test_the_attention_family_keeps_per_word_maps_of_a_few_test_images():
+    module = attention_module(0.0).eval()
+    module.attention_maps_kept = 3
+    module.on_test_epoch_start()
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    batch = {"features": torch.randn(2, 4, 8), "captions": torch.tensor([[1, 4, 2], [1, 5, 2]]),
+             "caption_image": torch.tensor([0, 1]), "index": torch.tensor([7, 9]), "references": [["w0"], ["w1"]]}
+    with torch.no_grad():
+        module.test_step(batch, 0)
+        module.test_step({**batch, "index": torch.tensor([11, 12])}, 1)
+    samples = module.attention_samples
+    assert [s["index"] for s in samples] == [7, 9, 11]
+    for s, out in zip(samples, module.eval_outputs):
+        maps = torch.tensor(s["maps"])
+        assert s["words"] == out["hypothesis"].split() and maps.shape == (len(s["words"]), 2, 2)
+        torch.testing.assert_close(maps.sum((1, 2)), torch.ones(len(s["words"])), rtol=0, atol=1e-3)

@@ -8,26 +8,33 @@ from typing import Any, Mapping
 
 from .records import SPLITS, CaptionDataset, CaptionRecord, DatasetError, SkipReport
 
-__all__ = ["SPLITS", "CaptionDataset", "CaptionRecord", "DatasetError", "SkipReport", "load_dataset", "dataset_id"]
+__all__ = ["SPLITS", "CaptionDataset", "CaptionRecord", "DatasetError", "SkipReport", "load_dataset", "dataset_id",
+           "is_shapes"]
 
-SHAPES_KEYS = ("num_train", "num_val", "num_test", "seed", "image_size", "captions_per_image")
+SHAPES_READER = "captioner.data.shapes.build_shapes"
 
 
 def load_dataset(cfg: Mapping[str, Any], progress: bool = True) -> CaptionDataset:
-    """Read the dataset a Hydra `data` node describes (`data.format` picks the reader; `data.reader` holds its
-    file-name options, whose defaults are each format's real layout)."""
-    fmt = cfg["format"]
+    """Read the dataset a Hydra `data` node describes: `data.reader` is the reader (`_target_`, a function
+    `reader(root, **options) -> CaptionDataset`, as a `_partial_` node with its options), `data.root` its folder.
+    A reader that takes `progress` is told whether to show it."""
+    import inspect
+
+    from hydra.utils import instantiate
+
+    reader = dict(cfg.get("reader") or {})
+    if "_target_" not in reader:
+        raise DatasetError(f"data.reader has no _target_: name the function that reads {cfg.get('name', 'the data')}"
+                           " (e.g. captioner.data.formats.read_csv)")
+    read = instantiate(reader, _convert_="all")
     root = Path(str(cfg["root"])).expanduser()
-    if fmt == "shapes":
-        from .shapes import build_shapes
+    takes_progress = "progress" in inspect.signature(read).parameters
+    return read(root, progress=progress) if takes_progress else read(root)
 
-        return build_shapes(root, progress=progress, **{k: cfg[k] for k in SHAPES_KEYS if k in cfg})
-    from .formats import READERS
 
-    if fmt not in READERS:
-        raise DatasetError(f"unknown data.format '{fmt}'; known: shapes, {', '.join(READERS)}")
-    options = dict(cfg.get("reader") or {})
-    return READERS[fmt](root, **options)
+def is_shapes(cfg: Mapping[str, Any]) -> bool:
+    """Whether a `data` node is the embedded shapes world (its generator as the reader)."""
+    return dict(cfg.get("reader") or {}).get("_target_") == SHAPES_READER
 
 
 def dataset_id(dataset: CaptionDataset) -> str:

@@ -217,6 +217,18 @@ class CaptionImages(_RowBatches):
         }
 
 
+def resolved_extraction(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Feature extraction settings (`features.*`) with `auto` device and workers resolved for this machine."""
+    from ..config import resolve_device, resolve_extraction_workers
+
+    out = dict(settings)
+    if "device" in out:
+        out["device"] = resolve_device(out["device"])
+    if "num_workers" in out:
+        out["num_workers"] = resolve_extraction_workers(out["num_workers"], out.get("device", "cpu"))
+    return out
+
+
 class CaptionDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -239,12 +251,12 @@ class CaptionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if feature not in ("pooled", "spatial"):
-            raise ValueError(f"feature must be 'pooled' or 'spatial' (config key model.feature), got '{feature}'")
+            raise ValueError(f"feature must be 'pooled' or 'spatial' (the model family's), got '{feature}'")
         self.data_cfg, self.encoder_spec = dict(data), EncoderSpec.from_config(encoder)
         self.cache_dir, self.feature = Path(str(cache_dir)).expanduser(), feature
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.min_word_count, self.max_length = min_word_count, max_length
-        self.extraction = dict(extraction or {})
+        self.extraction = resolved_extraction(extraction or {})
         self.vocab, self.progress = vocab, progress
         self.group_by_image, self.group_by_length, self.seed = group_by_image, group_by_length, seed
         if test_split not in ("val", "test"):
@@ -363,7 +375,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _split_fix(self, dataset: CaptionDataset, empty: list[str]) -> str:
         """What gives the `empty` splits images, in this dataset format's own terms."""
-        fmt, reader = self.data_cfg.get("format"), dict(self.data_cfg.get("reader") or {})
+        fmt, reader = dataset.name, dict(self.data_cfg.get("reader") or {})
         if fmt == "shapes":
             return "Set " + " and ".join(f"data.num_{s}" for s in empty) + " to 1 or more"
         if fmt == "csv":

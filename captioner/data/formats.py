@@ -691,13 +691,3 @@ def read_csv(root, file: str = "captions.csv", images_dir: str = "images", seed:
     rest = groups.unassigned()
     counts = proportional_counts(len(rest), (1.0 - val_fraction - test_fraction, val_fraction, test_fraction))
     return src.finish(groups, {**seeded_split(rest, seed, counts), **groups.split})
-
-
-READERS: dict[str, Callable[..., CaptionDataset]] = {
-    "flickr8k": read_flickr8k,
-    "flickr8k_csv": read_flickr8k_csv,
-    "flickr30k": read_flickr30k,
-    "karpathy": read_karpathy,
-    "coco": read_coco,
-    "csv": read_csv,
-}

@@ -2,7 +2,7 @@
 
 One tokenizer for the model's words: building the vocabulary, encoding training targets, turning generated ids
 back into text. Scores never see it: references and generated captions are both tokenised by the evaluation's
-PTB tokenizer (`captioner.metrics`), as published scores are. So that a generated caption survives that second
+PTB tokenizer (`captioner.scoring`), as published scores are. So that a generated caption survives that second
 tokenisation intact, words are cut where PTB cuts them or coarser: "t-shirt", "3.5" and "man's" stay one word here
 (PTB keeps the first two whole and splits "man's" itself), punctuation is a word of its own (PTB drops it).
 """

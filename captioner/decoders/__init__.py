@@ -1,5 +1,8 @@
-"""Trainable word decoders. Every decoder is an `nn.Module` built as `Decoder(vocab_size=..., feature_dim=..., ...)`
-and implements one interface, which is all that training and `captioner.decoding` ever use:
+"""Trainable word decoders. Every decoder is an `nn.Module` that Hydra builds from its YAML (conf/decoder/, a
+`_partial_` node: `_target_` names the class) and the LightningModule completes with what only the data knows,
+`decoder(vocab_size=..., feature_dim=...)` plus `grid=(rows, columns)` for a spatial one. A new decoder is a class
+with this interface and one YAML; nothing here lists them. The interface is all that training and
+`captioner.decoding` ever use:
 
   feature: str                        "pooled": features are (B, D); "spatial": (B, T, D) over a 2-D grid
   forward(features, captions)         teacher forcing: captions (B, L) = <sos> w1 .. <eos> <pad>.. ->
@@ -20,22 +23,24 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import MultiHeadAttention
 from .recurrent import LSTMDecoder, LSTMInitDecoder, RNNDecoder
 from .transformer import TransformerDecoder
 
-DECODERS: dict[str, type[nn.Module]] = {
-    "rnn": RNNDecoder,
-    "lstm": LSTMDecoder,
-    "lstm_init": LSTMInitDecoder,
-    "transformer": TransformerDecoder,
-}
+FEATURES = ("pooled", "spatial")
 
 
-def build_decoder(name: str, **kwargs) -> nn.Module:
-    """`build_decoder("lstm", vocab_size=..., feature_dim=..., hidden_dim=...)`."""
-    if name not in DECODERS:
-        raise ValueError(f"unknown decoder '{name}' (config key decoder.name); known: {', '.join(DECODERS)}")
-    return DECODERS[name](**kwargs)
+def interface_problem(cls) -> str | None:
+    """Why `cls` is not a decoder class (None: it is one)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return "it is not an nn.Module class"
+    if getattr(cls, "feature", None) not in FEATURES:
+        return f"its class attribute `feature` is not one of {' | '.join(FEATURES)}"
+    missing = [m for m in ("init_state", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        return f"it has no {' / '.join(missing)} method (the decoder interface of captioner.decoders)"
+    return None
 
 
-__all__ = ["DECODERS", "build_decoder", "RNNDecoder", "LSTMDecoder", "LSTMInitDecoder", "TransformerDecoder"]
+__all__ = ["FEATURES", "interface_problem", "MultiHeadAttention", "RNNDecoder", "LSTMDecoder", "LSTMInitDecoder",
+           "TransformerDecoder"]

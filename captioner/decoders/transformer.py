@@ -9,8 +9,9 @@ with cross-attention to them (the attention variant; `feature = "spatial"`).
 The 2-D position embedding is what lets the model answer "is the red circle left of the blue square": without
 it the encoder and the cross-attention are permutation invariant over the grid and "left of" is unlearnable.
 
-Attention is written out (rather than nn.MultiheadAttention) so that step-wise decoding can keep a KV cache and
-return the last layer's cross-attention weights for visualisation. Step state, all batch-first so that generic
+The attention mechanism is a component (conf/attention/, `attention=` a factory called once per attention layer);
+the multi-head one is written out (rather than nn.MultiheadAttention) so that step-wise decoding can keep a KV
+cache and return the last layer's cross-attention weights for visualisation. Step state, all batch-first so that generic
 beam search can reorder it:
   tokens           (B, t)          the words fed so far (its length is the next position)
   cross_k.i/v.i    (B, heads, T, dh)  layer i's keys/values of the memory, projected once in `init_state`; one
@@ -20,87 +21,18 @@ beam search can reorder it:
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.vocabulary import Vocabulary
-from .dropout import ByteDropout, byte_dropout
+from .attention import MultiHeadAttention
+from .dropout import ByteDropout
 
-
-def _split_heads(x: Tensor, n_head: int) -> Tensor:
-    """(B, n, d) -> (B, heads, n, d/heads)"""
-    B, n, d = x.shape
-    return x.view(B, n, n_head, d // n_head).transpose(1, 2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """(B, heads, n, dh) -> (B, n, heads*dh)"""
-    B, h, n, dh = x.shape
-    return x.transpose(1, 2).reshape(B, n, h * dh)
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries from `x` over keys/values computed (by `keys_values`) from any sequence."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.dropout = num_heads, dropout
-        self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.resid_drop = ByteDropout(dropout)
-
-    def keys_values(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Keys and values of x (B, m, d), each (B, heads, m, dh); with `index`, of the rows x[index]."""
-        kv = self.kv(x)
-        if index is not None:  # rows of the contiguous projection: heads are split after the copy
-            kv = kv.index_select(0, index)
-        k, v = kv.chunk(2, dim=-1)
-        return _split_heads(k, self.num_heads), _split_heads(v, self.num_heads)
-
-    def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, causal: bool = False, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """x (N, n, d), k/v (B, heads, m, dh) -> (N, n, d), and the weights (N, heads, n, m) if asked for.
-
-        N = G*B: keys/values shared by G consecutive rows of x (the G beams of one image in beam search) are kept
-        once; those rows' queries are stacked against them, G*n queries per image (measured: beam-3 of 100
-        images spent a quarter of its time in cross-attention over K identical copies)."""
-        q = _split_heads(self.q(x), self.num_heads)
-        N, h, n, dh = q.shape
-        B = k.shape[0]
-        groups = N // B
-        if groups * B != N or (groups > 1 and causal):
-            raise ValueError(f"{N} query rows cannot share keys/values of {B} rows" + (" causally" if causal else ""))
-        if groups > 1:
-            q = q.view(B, groups, h, n, dh).transpose(1, 2).reshape(B, h, groups * n, dh)
-        y, att = self._attend(q, k, v, causal, need_weights)
-        if groups > 1:
-            y = y.view(B, h, groups, n, dh).transpose(1, 2).reshape(N, h, n, dh)
-            if att is not None:
-                att = att.view(B, h, groups, n, -1).transpose(1, 2).reshape(N, h, n, -1)
-        return self.resid_drop(self.out(_merge_heads(y))), att
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, need_weights: bool):
-        p = self.dropout if self.training else 0.0
-        if need_weights or (p > 0 and q.device.type == "cpu"):
-            # The explicit form: SDPA never materialises the weights, which are wanted when visualising a decoded
-            # caption; and with attention dropout on CPU, SDPA takes this same unfused path anyway but draws
-            # its mask with the slow per-element Bernoulli (see dropout.py).
-            scores = (q @ k.transpose(-2, -1)).float().mul(q.shape[-1] ** -0.5)
-            if causal:
-                n, m = scores.shape[-2:]
-                future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(m - n + 1)
-                scores = scores.masked_fill(future, float("-inf"))
-            att = scores.softmax(dim=-1)
-            y = byte_dropout(att, p).to(v.dtype) @ v
-            att = att if need_weights else None
-        else:
-            y, att = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal), None
-        return y, att
+# `attention(d_model=..., dropout=...)` -> an attention module (captioner.decoders.attention).
+AttentionFactory = Callable[..., nn.Module]
 
 
 class MLP(nn.Sequential):
@@ -111,9 +43,9 @@ class MLP(nn.Sequential):
 class EncoderBlock(nn.Module):
     """Pre-norm self-attention over the image tokens (every token sees every token) + MLP."""
 
-    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, d_model: int, attention: AttentionFactory, ff_dim: int, dropout: float) -> None:
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d_model), Attention(d_model, num_heads, dropout)
+        self.ln1, self.attn = nn.LayerNorm(d_model), attention(d_model=d_model, dropout=dropout)
         self.ln2, self.mlp = nn.LayerNorm(d_model), MLP(d_model, ff_dim, dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,10 +57,10 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm causal self-attention, cross-attention to the image memory, MLP."""
 
-    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, d_model: int, attention: AttentionFactory, ff_dim: int, dropout: float) -> None:
         super().__init__()
-        self.ln1, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, num_heads, dropout)
-        self.ln2, self.cross_attn = nn.LayerNorm(d_model), Attention(d_model, num_heads, dropout)
+        self.ln1, self.self_attn = nn.LayerNorm(d_model), attention(d_model=d_model, dropout=dropout)
+        self.ln2, self.cross_attn = nn.LayerNorm(d_model), attention(d_model=d_model, dropout=dropout)
         self.ln3, self.mlp = nn.LayerNorm(d_model), MLP(d_model, ff_dim, dropout)
 
     def forward(
@@ -155,7 +87,7 @@ class DecoderBlock(nn.Module):
 
 class TransformerDecoder(nn.Module):
     feature = "spatial"  # features are (B, T, D), T = h*w tokens of a row-major grid
-    # State entries with one row per image, shared by all of its beams (see Attention.forward): beam search
+    # State entries with one row per image, shared by all of its beams (see MultiHeadAttention.forward): beam search
     # neither expands nor reorders them.
     per_image_state = ("cross_k.", "cross_v.")
 
@@ -164,8 +96,8 @@ class TransformerDecoder(nn.Module):
         vocab_size: int,
         feature_dim: int,
         grid: tuple[int, int] = (7, 7),
+        attention: AttentionFactory | None = partial(MultiHeadAttention, num_heads=4),
         d_model: int = 256,
-        num_heads: int = 4,
         encoder_layers: int = 2,
         decoder_layers: int = 3,
         ff_dim: int = 1024,
@@ -176,6 +108,9 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         if decoder_layers < 1:
             raise ValueError("TransformerDecoder needs decoder_layers >= 1 (cross-attention is how it sees the image)")
+        if attention is None:
+            raise ValueError("TransformerDecoder needs an attention mechanism (attention=mha): cross-attention is how "
+                             "it sees the image")
         self.vocab_size, self.feature_dim, self.max_len = vocab_size, feature_dim, max_len
         self.grid = (int(grid[0]), int(grid[1]))
         h, w = self.grid
@@ -183,22 +118,19 @@ class TransformerDecoder(nn.Module):
         self.feat_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, d_model))
         self.row_pos = nn.Parameter(torch.zeros(h, d_model))
         self.col_pos = nn.Parameter(torch.zeros(w, d_model))
-        self.encoder = nn.ModuleList(EncoderBlock(d_model, num_heads, ff_dim, dropout) for _ in range(encoder_layers))
+        self.encoder = nn.ModuleList(EncoderBlock(d_model, attention, ff_dim, dropout) for _ in range(encoder_layers))
         self.enc_ln = nn.LayerNorm(d_model)
         # word side
         self.tok_emb = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.pad_id)
         self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
         self.drop = ByteDropout(dropout)
-        self.blocks = nn.ModuleList(DecoderBlock(d_model, num_heads, ff_dim, dropout) for _ in range(decoder_layers))
+        self.blocks = nn.ModuleList(DecoderBlock(d_model, attention, ff_dim, dropout) for _ in range(decoder_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
-        # The grid's position tables start at the scale of the projected image content (std ~0.7), not GPT-2's
-        # 0.02: measured on the shapes world, with 0.02 position stays drowned under content, cross-attention never
-        # learns to read it and "left of" vs "right of" stays at chance after 40 epochs; with 1.0 the same model
-        # learns the direction (val relation accuracy 0.40 -> 0.80-0.84 after epoch ~20). A synthetic "which
-        # column is the token in" task shows the same: chance with 0.02, solved within 750 steps with 1.0.
+        # The grid's position tables start at the scale of the projected image content, not GPT-2's 0.02: smaller,
+        # position drowns under content and cross-attention never learns to tell "left of" from "right of".
         for p in (self.row_pos, self.col_pos):
             nn.init.normal_(p, std=position_std)
 
@@ -237,17 +169,24 @@ class TransformerDecoder(nn.Module):
 
     # -- the decoder interface ------------------------------------------------------------------------------
 
-    def forward(self, features: Tensor, captions: Tensor, image_index: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, captions: Tensor, image_index: Tensor | None = None,
+                return_attention: bool = False):
         """Teacher forcing: (B, T, D), (B, L) -> logits (B, L-1, V); causal, so padding never leaks backwards.
-        With `image_index` (B,), features hold U distinct images and caption b belongs to image image_index[b]."""
+        With `image_index` (B,), features hold U distinct images and caption b belongs to image image_index[b].
+        With `return_attention`, also the last layer's cross-attention behind each position (B, L-1, T), averaged
+        over heads (what an attention regulariser reads)."""
         inputs = captions[:, :-1]
         n = inputs.shape[1]
         if n > self.max_len:
             raise ValueError(f"captions of {n + 1} tokens exceed the decoder's max_len={self.max_len} (+1)")
         x = self.drop(self.tok_emb(inputs) + self.pos_emb[:n])
-        for block, kv in zip(self.blocks, self._cross_kv(features, image_index)):
-            x, _, _ = block(x, kv)
-        return self.head(self.ln_f(x))
+        att = None
+        for i, (block, kv) in enumerate(zip(self.blocks, self._cross_kv(features, image_index))):
+            want = return_attention and i == len(self.blocks) - 1
+            x, _, a = block(x, kv, need_weights=want)
+            att = a if want else att
+        logits = self.head(self.ln_f(x))
+        return (logits, att.mean(dim=1)) if return_attention else logits
 
     def init_state(self, features: Tensor) -> dict[str, Tensor]:
         B = features.shape[0]

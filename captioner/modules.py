@@ -1,20 +1,27 @@
-"""LightningModules: one per model family, wrapping a swappable decoder over cached encoder features.
+"""LightningModules: a base with the shared step, and one subclass per model family, each wrapping a decoder that
+Hydra builds from its config (`_target_`, conf/decoder/ and conf/attention/) over cached encoder features.
 
-- `RecurrentCaptioner` (variants 1-4): a pooled image vector into an RNN/LSTM decoder;
-- `AttentionCaptioner` (variant 5): spatial tokens into the transformer decoder.
+- `PooledCaptioner`: the image as one pooled vector (variants 1-4: RNN / LSTM decoders);
+- `AttentionCaptioner`: the image as spatial tokens the decoder attends over (variant 5: the transformer); it owns
+  what attention brings: the doubly stochastic attention regulariser of Show, Attend and Tell (`alpha_c`), and
+  the per-word attention maps of a few test images, kept in the run directory and logged to W&B.
 Both share one step for train/val/test: teacher-forced cross-entropy ignoring padding; validation and test also
 decode for real (greedy by default; beam search with `decode.beam_size>1`) and score against all references.
 Under DDP each rank decodes its shard of the split; at the epoch end the outputs of all ranks are gathered and
 deduplicated by image index (a DistributedSampler repeats images to even out the shards), so validation and test
 metrics are those of the whole split, computed identically on every rank.
-The checkpoint carries everything needed to caption new images later: vocabulary, decoder config, encoder spec
-(name, weights source, input size, transform settings). Hyper-parameters are plain data (no module objects).
+The checkpoint carries everything needed to caption new images later: vocabulary, the decoder's config
+(`_target_` and settings), encoder spec (name, weights source, input size, transform settings). Hyper-parameters
+are plain data (no module objects): the optimiser and scheduler factories are left out.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -22,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .data.vocabulary import Vocabulary
-from .decoders import build_decoder
 from .decoding import beam_search, greedy_decode
-from .metrics import val_bleu_scores
+from .scoring.metrics import val_bleu_scores
+
+log = logging.getLogger(__name__)
 
 # Epoch-level caption metrics are computed from the outputs of ALL ranks (gathered in `gather_eval_outputs`), so
 # they are already global and identical on every rank: logging them without sync_dist is right, not an oversight.
@@ -53,8 +61,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.05) 
     return schedule
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05,
+                           min_ratio: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """conf/scheduler/warmup_cosine.yaml: linear warm-up over `warmup_fraction` of the steps, then cosine decay to
+    `min_ratio` of the learning rate, stepped every optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, int(warmup_fraction * total_steps), min_ratio))
+
+
+def build_part(spec: Mapping[str, Any]) -> Callable:
+    """A component's config as plain data (`_target_`, `_partial_: true`, settings; nested components alike) ->
+    the factory Hydra builds from it. A checkpoint's spec is checked (captioner.checkpoint) before it gets here."""
+    import hydra
+
+    return hydra.utils.instantiate(dict(spec), _convert_="all")
+
+
 class Captioner(L.LightningModule):
+    """The shared step, epoch ends and optimisation; a family says which features its decoder reads (`feature`)."""
+
     family = "base"
+    feature: str = ""  # "pooled" | "spatial": what the family feeds its decoder, and the feature cache it needs
 
     def __init__(
         self,
@@ -65,31 +92,50 @@ class Captioner(L.LightningModule):
         feature_dim: int = 1280,
         grid: tuple[int, int] = (7, 7),
         optimizer: Callable | None = None,
-        scheduler: Mapping[str, Any] | None = None,
+        scheduler: Callable | None = None,
         label_smoothing: float = 0.0,
         decode: Mapping[str, Any] | None = None,
         meteor: bool = True,
         tokenizer: str = "auto",
     ) -> None:
         super().__init__()
-        # module objects (optimizer partial) stay out of the checkpoint's hyper-parameters
-        self.save_hyperparameters(ignore=["optimizer"])
+        # factories (optimizer, scheduler partials) stay out of the checkpoint's hyper-parameters
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.vocab = Vocabulary.from_dict(dict(vocab))
-        self.optimizer_factory = optimizer
-        dec_cfg = dict(decoder)
-        extra = {"grid": tuple(grid)} if dec_cfg.get("name") == "transformer" else {}
-        self.decoder = build_decoder(**dec_cfg, vocab_size=len(self.vocab), feature_dim=feature_dim, **extra)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.decoder = self.build_decoder(decoder, feature_dim, tuple(grid))
         self.decode_cfg = {**DECODE_DEFAULTS, **dict(decode or {})}
         self.eval_outputs: list[dict] = []
         self.test_results: dict = {}
         self.test_predictions: list[dict] = []
 
+    def build_decoder(self, spec: Mapping[str, Any], feature_dim: int, grid: tuple[int, int]) -> torch.nn.Module:
+        """The decoder of its config, completed with what the data decides (vocabulary size, feature size, and for
+        spatial features the grid); it must read the features this family feeds it."""
+        factory = build_part(spec)
+        cls = getattr(factory, "func", factory)
+        if getattr(cls, "feature", None) != self.feature:
+            raise ValueError(f"{type(self).__name__} feeds its decoder {self.feature} features, but "
+                             f"{spec.get('_target_')} reads {getattr(cls, 'feature', None)} ones")
+        return factory(vocab_size=len(self.vocab), **self.feature_sizes(feature_dim, grid))
+
+    def feature_sizes(self, feature_dim: int, grid: tuple[int, int]) -> dict[str, Any]:
+        """The sizes of the features this family feeds its decoder, as the decoder's arguments."""
+        return {"feature_dim": feature_dim}
+
     # -- the shared step ------------------------------------------------------------------------------------
     def caption_loss(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """Teacher-forced cross-entropy ignoring padding; caption b describes image image_index[b]."""
         logits = self.decoder(features, captions, image_index)
+        return self._cross_entropy(logits, captions)
+
+    def _cross_entropy(self, logits: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), captions[:, 1:].reshape(-1),
                                ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
+
+    def training_loss(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """What training minimises: the caption loss, plus what a family adds to it."""
+        return self.caption_loss(features, captions, image_index)
 
     def generate(self, features: torch.Tensor, **overrides) -> list[str]:
         """Captions of `features` under the decode config (`decode.*`, then `overrides`): every setting but the
@@ -107,11 +153,12 @@ class Captioner(L.LightningModule):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         features, captions = batch["features"], batch["captions"]
-        loss = self.caption_loss(features, captions, batch["caption_image"])
         if stage == "train":
+            loss = self.training_loss(features, captions, batch["caption_image"])
             self._check_finite(loss)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(captions))
             return loss
+        loss = self.caption_loss(features, captions, batch["caption_image"])
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=len(captions),
                  sync_dist=True)  # the mean over ranks under DDP (a no-op in one process)
         hypotheses = self.generate(features)
@@ -169,7 +216,7 @@ class Captioner(L.LightningModule):
             self.log(f"val/{name}", value)
 
     def on_test_epoch_end(self) -> None:
-        from .metrics import caption_metrics
+        from .scoring.metrics import caption_metrics
 
         outs = self.gather_eval_outputs()
         self.eval_outputs = outs
@@ -195,7 +242,7 @@ class Captioner(L.LightningModule):
         scenes = dm.scenes(split) if dm is not None else None
         if not scenes or not self.eval_outputs:
             return {}
-        from .data.shapes import score_captions
+        from .scoring.semantic import score_captions
 
         outs = self.eval_outputs
         return score_captions([o["hypothesis"] for o in outs], [scenes[o["index"]] for o in outs])
@@ -204,13 +251,10 @@ class Captioner(L.LightningModule):
     def configure_optimizers(self):
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         optimizer = factory(params=[p for p in self.parameters() if p.requires_grad])
-        sched = dict(self.hparams.scheduler or {})
-        if not sched or sched.get("name", "warmup_cosine") == "none":
+        if self.scheduler_factory is None:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(sched.get("warmup_fraction", 0.05) * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total, warmup, sched.get("min_ratio", 0.05)))
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -230,17 +274,107 @@ class Captioner(L.LightningModule):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def write_test_outputs(self, run_dir: Path, records: list, loggers: list) -> None:
+        """What this family keeps of a test beyond metrics.json and predictions.jsonl (global rank 0 calls it)."""
 
-class RecurrentCaptioner(Captioner):
-    """Variants 1-4: pooled vector -> RNN / LSTM (image as first step or as initial state)."""
 
-    family = "recurrent"
+class PooledCaptioner(Captioner):
+    """The image as one pooled vector (B, D): the decoder reads it as an input step or its initial state."""
+
+    family = "pooled"
+    feature = "pooled"
 
 
 class AttentionCaptioner(Captioner):
-    """Variant 5: spatial tokens -> self-attention encoder -> masked self-attention + cross-attention decoder."""
+    """The image as spatial tokens (B, h*w, D) that the decoder attends over.
+
+    `alpha_c` weighs Show, Attend and Tell's doubly stochastic regulariser, alpha_c * sum over image tokens of
+    (1 - attention the token got over the caption's words)^2, which pushes the words to look at every part of the
+    image in turn (0: off). `attention_maps`: how many test images keep the per-word attention maps of their
+    generated caption (`attention_maps.json` in the run directory, and images in W&B)."""
 
     family = "attention"
+    feature = "spatial"
 
+    def __init__(self, alpha_c: float = 0.0, attention_maps: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.alpha_c, self.attention_maps_kept = alpha_c, attention_maps
+        self.attention_samples: list[dict] = []
 
-FAMILIES = {"recurrent": RecurrentCaptioner, "attention": AttentionCaptioner}
+    def feature_sizes(self, feature_dim: int, grid: tuple[int, int]) -> dict[str, Any]:
+        """Spatial tokens come on a grid (row-major), whose shape the decoder's 2-D positions need."""
+        return {"feature_dim": feature_dim, "grid": grid}
+
+    def training_loss(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        if not self.alpha_c:
+            return self.caption_loss(features, captions, image_index)
+        logits, att = self.decoder(features, captions, image_index, return_attention=True)
+        words = (captions[:, 1:] != self.vocab.pad_id).to(att.dtype)  # positions that predict a word or <eos>
+        seen = (att * words[..., None]).sum(dim=1)  # (B, T): attention each image token got over the caption
+        return self._cross_entropy(logits, captions) + self.alpha_c * ((1 - seen.float()) ** 2).sum(dim=1).mean()
+
+    # -- attention maps -------------------------------------------------------------------------------------
+    @torch.no_grad()  # decoding steps under autocast: see captioner.decoding on inference_mode
+    def attention_maps(self, features: torch.Tensor, words: list[list[str]]) -> list:
+        """Replay each caption step by step and keep the last layer's cross-attention behind every word, as a
+        (words, rows, columns) array per image (whatever search produced the caption, the map is what the decoder
+        looked at for that word)."""
+        import numpy as np
+
+        vocab, decoder = self.vocab, self.decoder
+        n = max((len(w) for w in words), default=0)
+        ids = torch.full((len(words), n + 1), vocab.pad_id, dtype=torch.long)
+        ids[:, 0] = vocab.sos_id
+        for b, w in enumerate(words):
+            ids[b, 1:len(w) + 1] = torch.tensor([vocab.stoi.get(t, vocab.unk_id) for t in w], dtype=torch.long)
+        ids = ids.to(features.device)
+        state = decoder.init_state(features)
+        steps = []
+        for t in range(n):
+            _, state, att = decoder.step(ids[:, t], state, return_attention=True)
+            steps.append(att.float().cpu())
+        h, w = self.hparams.grid
+        grid = torch.stack(steps, dim=1).view(len(words), n, h, w).numpy() if steps else \
+            np.zeros((len(words), 0, h, w))
+        return [grid[b, :len(wd)] for b, wd in enumerate(words)]
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.attention_samples = []
+
+    def test_step(self, batch, batch_idx):
+        loss = super().test_step(batch, batch_idx)
+        wanted = self.attention_maps_kept - len(self.attention_samples)
+        if wanted > 0:
+            outs = self.eval_outputs[-len(batch["index"]):][:wanted]
+            words = [o["hypothesis"].split() for o in outs]
+            maps = self.attention_maps(batch["features"][:len(outs)], words)
+            self.attention_samples += [{"index": o["index"], "words": w, "maps": m.round(4).tolist()}
+                                       for o, w, m in zip(outs, words, maps)]
+        return loss
+
+    def write_test_outputs(self, run_dir: Path, records: list, loggers: list) -> None:
+        """attention_maps.json (image key and path, words, one rows x columns map per word) and, with a W&B logger,
+        one figure per image."""
+        from .files import atomic_write_text
+
+        samples = [{"image": records[s["index"]].key, "image_path": str(records[s["index"]].image),
+                    "words": s["words"], "maps": s["maps"]} for s in self.attention_samples]
+        atomic_write_text(Path(run_dir) / "attention_maps.json", json.dumps(samples))
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and samples:
+                try:
+                    import numpy as np
+                    import wandb
+
+                    from .caption import attention_figure
+                    from .images import load_image
+
+                    figures = [wandb.Image(attention_figure(load_image(s["image_path"]), s["words"],
+                                                            np.asarray(s["maps"])), caption=" ".join(s["words"]))
+                               for s in samples]
+                    logger.experiment.log({"test/attention_maps": figures})
+                except Exception as e:  # a logging hiccup must not fail a finished run
+                    log.warning("could not log the attention maps to W&B: %s", e)
