@@ -1,4 +1,6 @@
-"""Shared fixtures: small shapes worlds and feature caches, built once per test session."""
+"""Shared fixtures: small shapes worlds and feature caches, built once per test session (`tiny_root`: the
+`debug=tiny` world and cache the end-to-end runs read), and the two ways to run a command: `run_script` in this
+process (through Hydra, no interpreter start) and `run_cli` in a separate one (DDP, launchers, kill -9)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,53 @@ def file_size_limit(limit: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+# Test files whose tests all run a CLI command or a training run: marked `e2e` here; in other files such tests
+# carry @pytest.mark.e2e themselves. `make test-fast` leaves e2e tests out.
+E2E_FILES = {"test_benchmark.py", "test_commands.py", "test_extending.py", "test_inference.py", "test_launchers.py",
+             "test_realistic_run.py", "test_resume.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in E2E_FILES:
+            item.add_marker(pytest.mark.e2e)
+
+
+def run_cli(args, root=None, *, timeout=600, env=None, cwd=REPO):
+    """`python args...` in a separate process (for what needs one: DDP, launchers, a process-wide limit, the
+    installed entry points), with CAPTIONER_ROOT=root, W&B off and `env` on top; a key set to None is removed.
+    The CompletedProcess (text) with `.seconds`, its wall time."""
+    import subprocess
+    import sys
+    import time
+
+    full = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true")
+    full.pop("LOCAL_RANK", None)  # a DDP environment of the caller must not leak into the runs
+    if root is not None:
+        full["CAPTIONER_ROOT"] = str(root)
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = str(value)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full, capture_output=True, text=True,
+                       timeout=timeout)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A CAPTIONER_ROOT holding the `debug=tiny` shapes world and its EfficientNet-Lite0 feature cache, prepared
+    once per test session. End-to-end runs read it (their run dirs go elsewhere); a test that damages a world or a
+    cache prepares its own."""
+    root = tmp_path_factory.mktemp("tiny_root")
+    r = run_cli(["-m", "captioner.prepare", "debug=tiny"], root, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
 
 
 def run_script(script: str, args, monkeypatch, capfd, env=None) -> tuple[int, str]:

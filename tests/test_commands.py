@@ -1,18 +1,12 @@
 """The data commands as a user runs them: python -m captioner.inspect / captioner.prepare with Hydra overrides."""
 
-import os
-import subprocess
-import sys
-
-from conftest import REPO
+from conftest import run_cli
 
 SMALL = ["data.num_train=30", "data.num_val=10", "data.num_test=10"]
 
 
 def run(module, *args, root):
-    env = dict(os.environ, CAPTIONER_ROOT=str(root))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run_cli(["-m", module, *args], root, timeout=300)
 
 
 def test_inspect_shapes_reports_splits_vocab_lengths_and_agreement(tmp_path):

@@ -6,29 +6,17 @@ does not divide by 2: a DistributedSampler then gives one rank a repeated image,
 """
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
-TINY = ["model=dino_lstm_init", "data.num_train=40", "data.num_val=10", "data.num_test=11", "trainer.max_epochs=1",
-        "logger=csv", "features.num_workers=0", "text.min_word_count=1", "metrics.meteor=false"]
+TINY = ["debug=tiny", "model=dino_lstm_init", "data.num_test=11"]  # 11: test shards of unequal size
 
 
 def _run(args, root, timeout=600, threads=None):
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled", WANDB_SILENT="true")
-    env.pop("LOCAL_RANK", None)  # a DDP environment of the caller must not leak into the runs
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    r.seconds = time.perf_counter() - t0
-    return r
+    return run_cli(args, root, timeout=timeout, env={"OMP_NUM_THREADS": threads} if threads is not None else None)
 
 
 # -- fast checks of the pieces ---------------------------------------------------------------------------------------
@@ -59,7 +47,7 @@ def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
     padding 11 images to 2 x 6); the gathered list scores each image once, in index order."""
     import torch
 
-    from captioner.models import Captioner
+    from captioner.modules import Captioner
 
     shards = {0: [0, 2, 4, 6, 8, 10], 1: [1, 3, 5, 7, 9, 0]}
 
@@ -82,7 +70,7 @@ def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
 def test_validation_bleu_is_the_reported_test_bleu():
     """Checkpoints are selected on the metric that is reported: validation BLEU-1..4 equal caption_metrics' BLEU
     (the test metric) on the same captions, tokenisation included."""
-    from captioner.metrics import caption_metrics, val_bleu_scores
+    from captioner.scoring.metrics import caption_metrics, val_bleu_scores
 
     hyps = ["A red circle, left of a blue square.", "a green star", "a small blue triangle above a large circle",
             "there is a yellow square"]
@@ -121,6 +109,7 @@ def ddp_run(tmp_path_factory):
     return root, run_dir, r
 
 
+@pytest.mark.e2e
 def test_ddp_training_writes_one_run_dir_with_one_metrics_json(ddp_run):
     root, run_dir, r = ddp_run
     # rank 1 really ran (its own Hydra log), in rank 0's run dir: no second run dir, no .hydra of its own
@@ -140,6 +129,7 @@ def test_ddp_training_writes_one_run_dir_with_one_metrics_json(ddp_run):
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "csv" / "metrics.csv").exists()
 
 
+@pytest.mark.e2e
 def test_eval_with_one_and_two_processes_gives_identical_metrics(ddp_run):
     root, run_dir, train = ddp_run
     ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
@@ -167,10 +157,11 @@ def test_eval_with_one_and_two_processes_gives_identical_metrics(ddp_run):
     assert trained["cider"] == pytest.approx(one["test"]["cider"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
     """The val BLEU-4 the DDP run logged (each rank decoded 5 of the 10 val images) equals the BLEU-4 of one process
     decoding all 10 with the same weights."""
-    from captioner.metrics import val_bleu_scores
+    from captioner.scoring.metrics import val_bleu_scores
 
     root, run_dir, _ = ddp_run
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -183,6 +174,7 @@ def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
     assert m["best_val_bleu_4"] == pytest.approx(whole["bleu_4"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_a_local_multirun_refuses_ddp_jobs_with_the_fix(ddp_run, tmp_path):
     root = ddp_run[0]  # its data and feature cache: the job gets to the check at once
     r = _run(["train.py", "-m", "trainer=ddp_cpu", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
@@ -204,6 +196,7 @@ def _cache_digests(root) -> dict[str, str]:
     return out
 
 
+@pytest.mark.e2e
 def test_ranks_share_the_feature_extraction_and_the_cache_is_byte_identical(tmp_path):
     """`torchrun --nproc-per-node 2 -m captioner.prepare`: both processes encode (every other chunk) into one cache,
     byte-identical to a one-process extraction (one torch thread in both: the thread count may change the bits)."""

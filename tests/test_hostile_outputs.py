@@ -5,18 +5,17 @@ the CSV history and `train_seconds` must add up. See captioner/run_files.py."""
 import csv
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from conftest import REPO, file_size_limit, run_script
-from test_compare import compare, fake_sweep  # noqa: F401 (fake_sweep: a fixture, a small fabricated sweep)
+from captioner.report import build_report
+from conftest import file_size_limit, run_cli, run_script
+from test_compare import fake_sweep  # noqa: F401 (a fixture, a small fabricated sweep)
 
-TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
-        "text.min_word_count=1", "metrics.meteor=false", "model=dino_lstm_init", "trainer.log_every_n_steps=1"]
+TINY = ["debug=tiny", "model=dino_lstm_init", "trainer.log_every_n_steps=1"]
 # Above every file a tiny run writes but its checkpoints (~35 MB): a checkpoint save is the write that fails.
 FILE_SIZE_LIMIT = 4 << 20
 # train.py with writes beyond FILE_SIZE_LIMIT failing with EFBIG, as on a full disk (SIGXFSZ would kill instead)
@@ -30,10 +29,8 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def _train(root, run_dir, *extra, full_disk=False):
-    command = [sys.executable, "-c", FULL_DISK_TRAIN] if full_disk else [sys.executable, "train.py"]
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled")
-    return subprocess.run([*command, *TINY, f"hydra.run.dir={run_dir}", *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    command = ["-c", FULL_DISK_TRAIN] if full_disk else ["train.py"]
+    return run_cli([*command, *TINY, f"hydra.run.dir={run_dir}", *extra], root)
 
 
 def _one_error_line(r):
@@ -65,10 +62,12 @@ def _refused_here(root, run_dir, *extra, monkeypatch, capfd):
     return errors[0]
 
 
-def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tmp_path, monkeypatch, capfd):
+@pytest.mark.e2e
+def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tiny_root, tmp_path, monkeypatch,
+                                                                           capfd):
     run, outside = tmp_path / "run", tmp_path / "outside"
     outside.mkdir()
-    r = _train(tmp_path, run, "trainer.max_epochs=2")
+    r = _train(tiny_root, run, "trainer.max_epochs=2")
     assert r.returncode == 0, r.stderr[-3000:]
     history, last = run / "csv" / "metrics.csv", run / "checkpoints" / "last.ckpt"
     first = {"history": history.read_bytes(), "hparams": (run / "csv" / "hparams.yaml").read_bytes(),
@@ -78,7 +77,7 @@ def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tmp_
 
     # a resume from a truncated last.ckpt fails with one message, and the run's history is left byte for byte
     last.write_bytes(first["last"][: len(first["last"]) // 2])
-    error = _refused_here(tmp_path, run, "trainer.max_epochs=3", "ckpt_path=last", monkeypatch=monkeypatch,
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", monkeypatch=monkeypatch,
                           capfd=capfd)
     assert str(last) in error
     assert history.read_bytes() == first["history"]
@@ -86,21 +85,21 @@ def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tmp_
 
     # resumes refused before training: other model settings than the checkpoint's, a checkpoint without its
     # training state (weights only); the history is untouched again
-    error = _refused_here(tmp_path, run, "trainer.max_epochs=3", "ckpt_path=last", "decoder.hidden_dim=64",
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", "decoder.hidden_dim=64",
                           monkeypatch=monkeypatch, capfd=capfd)
     assert str(last) in error and "decoder" in error and "same model/decoder/encoder/data settings" in error
     weights_only = tmp_path / "weights-only.ckpt"
     stripped = torch.load(last, weights_only=True, map_location="cpu")
     del stripped["optimizer_states"]
     torch.save(stripped, weights_only)
-    error = _refused_here(tmp_path, run, "trainer.max_epochs=3", f"ckpt_path={weights_only}", monkeypatch=monkeypatch,
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", f"ckpt_path={weights_only}", monkeypatch=monkeypatch,
                           capfd=capfd)
     assert str(weights_only) in error and "no training state (optimizer_states missing)" in error
     assert history.read_bytes() == first["history"]
 
     # a full disk while the next epoch's checkpoint is saved: one message naming it, nothing truncated left under
     # its name (none, or the previous whole file), last.ckpt still the previous one, the history still there
-    error = _one_error_line(_train(tmp_path, run, "trainer.max_epochs=3", "ckpt_path=last", full_disk=True))
+    error = _one_error_line(_train(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", full_disk=True))
     named = error.split()[1].rstrip(":")
     assert named.startswith(str(run / "checkpoints")) and named.endswith(".ckpt") and "too large" in error
     assert not os.path.exists(named) or torch.load(named, weights_only=True, map_location="cpu")
@@ -123,7 +122,7 @@ def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tmp_
     kept = {name: victim.read_bytes() for name, victim in victims.items()}
 
     # the resume that works: every epoch once in the history, the training clock over both processes
-    r = _train(tmp_path, run, "trainer.max_epochs=3", "ckpt_path=last")
+    r = _train(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {name: victim.read_bytes() for name, victim in victims.items()} == kept
     hparams = run / "csv" / "hparams.yaml"
@@ -286,7 +285,7 @@ def test_the_comparison_report_is_never_written_through_a_link(fake_sweep, tmp_p
     names = ("report.md", "report.html", "report.json", "loss_curves.png", "bleu_curves.png")
     for name in names:
         (out / name).symlink_to(victim)
-    compare.build_report(fake_sweep, n_boot=10, html_images=1)
+    build_report(fake_sweep, n_boot=10, html_images=1)
     assert victim.read_text() == "keep"
     assert all((out / name).is_file() and not (out / name).is_symlink() for name in names)
     assert "dino_attention" in (out / "report.md").read_text()

@@ -3,30 +3,22 @@ checkpoints as data only (a pickle payload is refused, never run)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import run_cli, run_script
 
-TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
-        "text.min_word_count=1", "metrics.meteor=false"]
-
-
-def _run(args, root, timeout=600):
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+TINY = ["debug=tiny"]
 
 
 @pytest.fixture(scope="module")
-def attention_run(tmp_path_factory):
+def attention_run(tiny_root, tmp_path_factory):
     """A tiny trained dino_attention run (2 epochs on 40 shapes images): its root and run dir."""
-    root = tmp_path_factory.mktemp("inference")
-    run_dir = root / "run"
-    r = _run(["train.py", "model=dino_attention", "trainer.max_epochs=2", *TINY, f"hydra.run.dir={run_dir}"], root)
+    root = tiny_root
+    run_dir = tmp_path_factory.mktemp("inference") / "run"
+    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", *TINY, f"hydra.run.dir={run_dir}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, run_dir
 
@@ -40,7 +32,7 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     out = root / "eval-greedy"
     # the same precision as the training run (model=dino_attention trains with bf16 autocast)
-    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed",
+    r = run_cli(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed",
               f"hydra.run.dir={out}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -51,7 +43,7 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
 
     beam = root / "eval-beam"
-    r = _run(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "decode.beam_size=3", "split=val",
+    r = run_cli(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "decode.beam_size=3", "split=val",
               f"hydra.run.dir={beam}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((beam / "metrics.json").read_text())
@@ -96,7 +88,7 @@ def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention
     Image.new("RGB", (1, 1), (0, 0, 255)).save(images / "tiny.jpg")
     (images / "broken.jpg").write_bytes(b"this is not a jpeg")
     maps = tmp_path / "maps"
-    r = _run(["-m", "captioner.caption", "--ckpt", _best(run_dir), str(images), "--json", "--beam-size", "2",
+    r = run_cli(["-m", "captioner.caption", "--ckpt", _best(run_dir), str(images), "--json", "--beam-size", "2",
               "--attention-maps", str(maps)], root)
     assert r.returncode == 1, r.stderr[-3000:]  # 1: some files skipped, the rest captioned
     assert "broken.jpg" in r.stderr and "not a readable image" in r.stderr
@@ -140,14 +132,14 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
 
 
 def test_caption_command_explains_a_missing_checkpoint(tmp_path):
-    r = _run(["-m", "captioner.caption", "--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path)], tmp_path)
+    r = run_cli(["-m", "captioner.caption", "--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
-def test_a_diverging_training_stops_with_a_message_naming_the_step(tmp_path):
+def test_a_diverging_training_stops_with_a_message_naming_the_step(tiny_root, tmp_path):
     # lr=1e30: the first AdamW update throws every weight to ~1e30 and the next loss is NaN/inf
-    r = _run(["train.py", *TINY, "optimizer.lr=1e30", "loader.batch_size=8", "trainer.max_epochs=1",
-              f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    r = run_cli(["train.py", *TINY, "optimizer.lr=1e30", "loader.batch_size=8", "trainer.max_epochs=1",
+              f"hydra.run.dir={tmp_path / 'run'}"], tiny_root)
     assert r.returncode != 0
     assert "training loss became" in r.stderr and "at step" in r.stderr and "ckpt_path=last" in r.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -3,23 +3,18 @@ hydra/launcher=slurm) and the Optuna sweeper (hparams_search=optuna). Each test 
 installed (pip install -e '.[cluster]' / '.[hparams]')."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import run_cli
 
-TINY = ["model=dino_lstm_init", "data.num_train=40", "data.num_val=10", "data.num_test=11", "trainer.max_epochs=1",
-        "logger=csv", "features.num_workers=0", "text.min_word_count=1", "metrics.meteor=false"]
+TINY = ["debug=tiny", "model=dino_lstm_init"]
 
 
 def _run(args, root, timeout=600):
     # one torch thread per process: the jobs of a submitit sweep run at the same time
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_cli(args, root, timeout=timeout, env={"OMP_NUM_THREADS": 1})
 
 
 def test_launcher_and_search_configs_compose():
@@ -41,10 +36,10 @@ def test_launcher_and_search_configs_compose():
     assert launcher._target_.endswith("SlurmLauncher")
 
 
-def test_two_job_sweep_through_the_submitit_local_launcher(tmp_path):
+def test_two_job_sweep_through_the_submitit_local_launcher(tiny_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    r = _run(["train.py", "-m", "hydra/launcher=local", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    r = _run(["train.py", "-m", "hydra/launcher=local", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], tiny_root)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     found = {json.loads(p.read_text())["seed"]: p for p in sweep.glob("*/metrics.json")}
     assert set(found) == {0, 1}  # both jobs ran to the end, each in its own run dir
@@ -53,11 +48,11 @@ def test_two_job_sweep_through_the_submitit_local_launcher(tmp_path):
     assert (sweep / "multirun.yaml").exists()
 
 
-def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+def test_optuna_search_runs_its_trials_and_reports_the_best(tiny_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     r = _run(["train.py", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY, f"hydra.sweep.dir={sweep}"],
-             tmp_path)
+             tiny_root)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     runs = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
     assert len(runs) == 2

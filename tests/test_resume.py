@@ -13,11 +13,10 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
-TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "logger=csv", "features.num_workers=0",
-        "text.min_word_count=1", "metrics.meteor=false", "trainer.max_epochs=4", "model=dino_lstm_init",
-        "decoder.dropout=0.0", "trainer.log_every_n_steps=1"]  # step rows too: the killed epoch leaves some
+TINY = ["debug=tiny", "trainer.max_epochs=4", "model=dino_lstm_init", "decoder.dropout=0.0",
+        "trainer.log_every_n_steps=1"]  # step rows too: the killed epoch leaves some
 
 
 def _env(root):
@@ -25,19 +24,18 @@ def _env(root):
 
 
 def _train(root, run_dir, *extra):
-    r = subprocess.run([sys.executable, "train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], cwd=REPO,
-                       env=_env(root), capture_output=True, text=True, timeout=600)
+    r = run_cli(["train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], root)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text()), r
 
 
-def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(tmp_path):
-    reference, _ = _train(tmp_path, tmp_path / "uninterrupted")
+def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(tiny_root, tmp_path):
+    reference, _ = _train(tiny_root, tmp_path / "uninterrupted")
 
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=_env(tiny_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -47,7 +45,7 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(tmp_pa
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
 
-    resumed, r = _train(tmp_path, run_dir, "ckpt_path=last")
+    resumed, r = _train(tiny_root, run_dir, "ckpt_path=last")
     assert "Restoring states from the checkpoint" in r.stderr + r.stdout  # continued, not restarted
     assert resumed["epochs"] == reference["epochs"] == 4
     # the same seed, data order per epoch and restored optimizer/scheduler state: the same end point. The final

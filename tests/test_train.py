@@ -1,25 +1,19 @@
 """`python train.py` and the five-variant multirun as a user runs them (tiny shapes world, 1 epoch)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
-TINY = ["data.num_train=40", "data.num_val=10", "data.num_test=10", "trainer.max_epochs=2", "logger=csv",
-        "features.num_workers=0", "text.min_word_count=1"]
+TINY = ["debug=tiny", "trainer.max_epochs=2", "metrics.meteor=true"]
 TEST_KEYS = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "object_accuracy",
              "relation_accuracy"}
 
 
 def run_train(*args, root, timeout=600, wandb_mode="disabled"):
-    env = dict(os.environ, CAPTIONER_ROOT=str(root), WANDB_MODE=wandb_mode, WANDB_SILENT="true")
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(["train.py", *args], root, timeout=timeout, env={"WANDB_MODE": wandb_mode})
 
 
 def check_metrics(path, model):
@@ -34,11 +28,12 @@ def check_metrics(path, model):
     return m
 
 
-def test_single_run_writes_everything_into_its_run_dir(tmp_path):
+@pytest.mark.e2e
+def test_single_run_writes_everything_into_its_run_dir(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
-    r = run_train(*TINY, f"hydra.run.dir={run_dir}", root=tmp_path)
+    r = run_train(*TINY, f"hydra.run.dir={run_dir}", root=tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"test BLEU-4" in r.stdout and str(run_dir) in r.stdout
+    assert "test BLEU-4" in r.stdout and str(run_dir) in r.stdout
     m = check_metrics(run_dir / "metrics.json", "dino_lstm_init")
     assert m["run_name"].endswith("lite0-offline")  # the offline encoder swap is visible in the run name
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
@@ -49,12 +44,13 @@ def test_single_run_writes_everything_into_its_run_dir(tmp_path):
     assert not (REPO / "outputs").exists() or not any((REPO / "outputs").glob(f"**/{run_dir.name}"))
 
 
-def test_multirun_over_the_five_variants(tmp_path):
+@pytest.mark.e2e
+def test_multirun_over_the_five_variants(tiny_root, tmp_path):
     models = ["resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"]
     sweep = tmp_path / "sweep"
     # as `make demo` runs it: two jobs side by side (hydra/launcher=parallel), the longest first
     r = run_train("-m", "hydra/launcher=parallel", f"model={','.join(models[::-1])}", *TINY, "metrics.meteor=false",
-                  f"hydra.sweep.dir={sweep}", "logger=wandb", root=tmp_path, timeout=900, wandb_mode="offline")
+                  f"hydra.sweep.dir={sweep}", "logger=wandb", root=tiny_root, timeout=900, wandb_mode="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     found = {json.loads(p.read_text())["model"]: p for p in sweep.glob("*/metrics.json")}
     assert set(found) == set(models)
@@ -65,8 +61,7 @@ def test_multirun_over_the_five_variants(tmp_path):
     assert len(wandb_runs) == 5 and len(set(wandb_runs.values())) == 5
 
     # the comparison report over this sweep, as `make report` runs it
-    r = subprocess.run([sys.executable, "experiments/compare.py", str(sweep), "--bootstrap", "200",
-                        "--html-images", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = run_cli(["experiments/compare.py", sweep, "--bootstrap", "200", "--html-images", "3"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = sweep / "report"
     md = (report / "report.md").read_text()
