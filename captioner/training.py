@@ -203,6 +203,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     dm = build_datamodule(cfg, vocab=Vocabulary.from_dict(vocab) if vocab else None)
     dm.prepare_data()
     dm.setup("fit")
+    # again: building a missing cache runs the encoder's random init, so without this the model's weights and
+    # the batch order would depend on whether the cache existed
+    L.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg, dm)
     if resumed:
         check_state_matches(model, resumed, ckpt_path)  # another model's checkpoint: refused, not half-loaded
