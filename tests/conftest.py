@@ -84,6 +84,7 @@ def file_size_limit(limit: int):
 
 
 # Test files whose tests all run a CLI command or a training run: marked `e2e` here; in other files such tests
+# (and those that start processes, run Java or train for seconds)
 # carry @pytest.mark.e2e themselves. `make test-fast` leaves e2e tests out.
 E2E_FILES = {"test_benchmark.py", "test_commands.py", "test_extending.py", "test_inference.py", "test_launchers.py",
              "test_realistic_run.py", "test_resume.py"}

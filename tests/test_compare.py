@@ -2,6 +2,7 @@
 paired bootstrap, and the report files built from a small fabricated sweep directory."""
 
 import csv
+import functools
 import json
 import sys
 import types
@@ -84,10 +85,14 @@ GOOD = [refs[0] for refs in REFS_40]
 BAD = [REFS_40[(i + 17) % len(REFS_40)][1] for i in range(len(REFS_40))]
 
 
+@functools.cache
+def _per_image_cider(hyps: tuple) -> np.ndarray:
+    return np.asarray(caption_metrics(list(hyps), REFS_40, meteor=False, per_image=True)["per_image"]["cider"])
+
+
 def _cis(hyps_a, hyps_b, seed, n_boot=300):
     a, b = bleu_stats(hyps_a, REFS_40), bleu_stats(hyps_b, REFS_40)
-    ca = np.asarray(caption_metrics(hyps_a, REFS_40, meteor=False, per_image=True)["per_image"]["cider"])
-    cb = np.asarray(caption_metrics(hyps_b, REFS_40, meteor=False, per_image=True)["per_image"]["cider"])
+    ca, cb = _per_image_cider(tuple(hyps_a)), _per_image_cider(tuple(hyps_b))
     counts = bootstrap_counts(len(REFS_40), n_boot, seed)
     full = lambda s: float(bleu_from_stats(s.sum(0))[3])  # noqa: E731
     bleu = delta_ci(resampled_bleu_4(a, counts), resampled_bleu_4(b, counts), full(a), full(b))

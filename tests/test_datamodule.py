@@ -1,6 +1,7 @@
 """DataModule: pairs for training, grouped references for evaluation, padding handled in the batch."""
 
 import numpy as np
+import pytest
 import torch
 
 from captioner.data.datamodule import CaptionDataModule
@@ -11,9 +12,15 @@ DATA = {"name": "shapes", "root": None, "reader": {"_target_": "captioner.data.s
 ENCODER = {"name": "efficientnet_lite0", "weights": "package", "input_size": 224, "crop_pct": 1.0}
 
 
-def make(tiny_shapes, tmp_path, feature="pooled", **kw):
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One feature cache for the file's tests: they read it, none of them tests how it is built."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def make(tiny_shapes, cache_dir, feature="pooled", **kw):
     data = dict(DATA, root=str(tiny_shapes.root.parent))  # reuses the session's generated world
-    dm = CaptionDataModule(data, ENCODER, cache_dir=str(tmp_path), feature=feature, batch_size=16,
+    dm = CaptionDataModule(data, ENCODER, cache_dir=str(cache_dir), feature=feature, batch_size=16,
                            eval_batch_size=8, min_word_count=1, progress=False,
                            extraction={"num_workers": 0}, **kw)
     dm.prepare_data()
@@ -21,8 +28,8 @@ def make(tiny_shapes, tmp_path, feature="pooled", **kw):
     return dm
 
 
-def test_training_pairs_one_per_caption_and_padded_batches(tiny_shapes, tmp_path):
-    dm = make(tiny_shapes, tmp_path)
+def test_training_pairs_one_per_caption_and_padded_batches(tiny_shapes, cache_dir):
+    dm = make(tiny_shapes, cache_dir)
     assert len(dm.splits["train"]) == 60 * 5
     batch = next(iter(dm.train_dataloader()))
     caps, lengths = batch["captions"], batch["lengths"]
@@ -40,8 +47,8 @@ def test_training_pairs_one_per_caption_and_padded_batches(tiny_shapes, tmp_path
     np.testing.assert_allclose(item["features"][0].numpy(), dm.caches["train"].pooled[pairs.rows[7]].astype(np.float32))
 
 
-def test_eval_splits_iterate_images_once_with_all_references(tiny_shapes, tmp_path):
-    dm = make(tiny_shapes, tmp_path, feature="spatial")
+def test_eval_splits_iterate_images_once_with_all_references(tiny_shapes, cache_dir):
+    dm = make(tiny_shapes, cache_dir, feature="spatial")
     batches = list(dm.val_dataloader())
     assert sum(len(b["references"]) for b in batches) == 20
     assert batches[0]["features"].shape == (8, 49, 1280)
@@ -51,16 +58,16 @@ def test_eval_splits_iterate_images_once_with_all_references(tiny_shapes, tmp_pa
     assert dm.scenes("test")[0]["objects"]
 
 
-def test_vocabulary_comes_from_train_split_only(tiny_shapes, tmp_path):
-    dm = make(tiny_shapes, tmp_path)
+def test_vocabulary_comes_from_train_split_only(tiny_shapes, cache_dir):
+    dm = make(tiny_shapes, cache_dir)
     train_words = {w for r in dm.records["train"] for c in r.captions for w in normalize(c).split()}
     assert set(dm.vocab.itos[4:]) <= train_words
 
 
-def test_grouped_batches_hold_whole_images_and_every_caption_once(tiny_shapes, tmp_path):
+def test_grouped_batches_hold_whole_images_and_every_caption_once(tiny_shapes, cache_dir):
     from captioner.data.datamodule import GroupedBatches
 
-    dm = make(tiny_shapes, tmp_path)
+    dm = make(tiny_shapes, cache_dir)
     pairs = dm.splits["train"]
     sampler = GroupedBatches(pairs.rows, batch_size=16, seed=0)
     first = list(sampler)

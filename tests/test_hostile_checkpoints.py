@@ -510,6 +510,7 @@ def _command(args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_command_with_an_absurd_checkpoint_exits_2_with_one_line(ckpts, photo, tmp_path):
     path = damaged(ckpts.recurrent, tmp_path / "absurd.ckpt", _set("decoder", "hidden_dim", value=10**9))
     r = _command(["--ckpt", path, photo, "--device", "cpu"], REPO)
@@ -518,6 +519,7 @@ def test_command_with_an_absurd_checkpoint_exits_2_with_one_line(ckpts, photo, t
     assert r.stderr.startswith(f"error: {path}: damaged or edited checkpoint") and "hidden_dim=1000000000" in r.stderr
 
 
+@pytest.mark.e2e
 def test_command_with_a_bad_flag_exits_2_with_usage_and_one_error(ckpts, photo):
     r = _command(["--ckpt", ckpts.recurrent, photo, "--batch-size", "0"], REPO)
     line = one_error(r.stderr)
@@ -526,6 +528,7 @@ def test_command_with_a_bad_flag_exits_2_with_usage_and_one_error(ckpts, photo):
 
 # -- security: a checkpoint never runs code -------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_checkpoint_from_a_url_or_with_a_payload_never_runs_code(tmp_path, monkeypatch, capfd):
     """Every way a checkpoint enters (train.py resume, eval.py, the caption CLI): a URL / fsspec path is refused
     (Lightning would unpickle it in full), and a local file carrying a pickled payload is refused before anything

@@ -76,6 +76,7 @@ def official_scores(hyps, refs, meteor=True):
     return out
 
 
+@pytest.mark.e2e
 @needs_java
 @pytest.mark.parametrize("tokenizer", ["java", "python"])
 def test_metrics_equal_the_official_coco_caption_evaluation(tokenizer):
@@ -118,6 +119,7 @@ def test_multi_reference_beats_single_reference_and_perfect_is_one():
     assert multi > single  # evaluating against one reference per image is the classic deflation bug
 
 
+@pytest.mark.e2e
 def test_meteor_is_a_number_with_java_and_none_without(monkeypatch):
     import captioner.scoring.metrics as metrics
 
@@ -137,6 +139,7 @@ def test_cider_rewards_consensus_and_empty_hypotheses_do_not_crash():
     assert empty["bleu_4"] < 1e-6 and empty["cider"] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_caption_prior_picks_the_constant_caption_with_the_best_pycocoevalcap_bleu():
     """The prior baseline scores candidates from cooked sufficient statistics; it must choose, and report, what a
     full pycocoevalcap run per candidate would."""

@@ -26,6 +26,7 @@ def overfit_config(model, root):
     ])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", VARIANTS)
 def test_variant_overfits_a_few_images(model, few_images_root):
     torch.manual_seed(0)

@@ -307,6 +307,7 @@ def test_garbage_bytes_in_caption_files_never_crash_a_reader(tmp_path):
 
 # --- 3. kill -9 during extraction: resume, nothing recomputed, byte-identical --------------------------------------
 
+@pytest.mark.e2e
 def test_kill_9_mid_extraction_resumes_without_recomputing_and_is_byte_identical(clip, reference, lite0,
                                                                                  tmp_path):
     """Protection: rows are flushed before progress.json (atomically replaced) records them with checksums; a
@@ -465,6 +466,7 @@ def test_unreadable_manifest_means_a_rebuild(clip, reference, lite0, tmp_path):
 
 # --- 5. two processes building the same cache at once --------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_two_processes_extracting_at_once_build_once_and_agree(clip, reference, tmp_path):
     """Protection: an flock on <key>.lock; the second process waits, says so, then opens the first one's cache."""
     cache_dir, count_file = tmp_path / "cache", tmp_path / "encoded.txt"
@@ -492,6 +494,7 @@ def _ddp_configs(tmp_path: Path, clip, cache_dir: Path, world: int) -> list[dict
             for rank in range(world)]
 
 
+@pytest.mark.e2e
 def test_two_ddp_ranks_share_an_extraction_and_the_cache_is_byte_identical(clip, reference, tmp_path):
     """40 images = 5 chunks of 8: rank 0 encodes chunks 0, 2, 4 and rank 1 chunks 1, 3 into the same arrays; rank 0
     finalises. The arrays are byte-identical to a one-process extraction, and each image was encoded once."""
@@ -509,6 +512,7 @@ def test_two_ddp_ranks_share_an_extraction_and_the_cache_is_byte_identical(clip,
     assert not list(cache_dir.glob("*.partial"))
 
 
+@pytest.mark.e2e
 def test_ddp_ranks_resume_a_one_process_extraction_killed_mid_way(clip, reference, tmp_path):
     """A one-process extraction killed after chunk 0 (rows 0-7) is finished by 2 ranks: only the 4 remaining
     chunks are encoded, 2 by each, and the result is byte-identical to an uninterrupted extraction."""
