@@ -32,8 +32,8 @@ from captioner.scoring.metrics import reference_agreement
 from captioner.scoring.semantic import ParsedCaption, parse_caption, score_captions
 from captioner.data.vocabulary import normalize, tokenize
 
-METRICS = ("object_accuracy", "size_accuracy", "relation_rate", "relation_axis_accuracy", "relation_accuracy",
-           "count_accuracy")
+METRICS = ("object_accuracy", "size_rate", "size_accuracy", "relation_rate", "relation_axis_accuracy",
+           "relation_accuracy", "relation_correct", "direction_accuracy", "count_accuracy")
 
 
 def _jpeg(img) -> bytes:
@@ -186,7 +186,8 @@ def test_reference_captions_parse_and_score_perfectly():
             refs_scenes.append(scene)
     scores = score_captions(hyps, refs_scenes)
     assert set(scores) == set(METRICS)
-    assert all(scores[m] == 1.0 for m in METRICS), scores
+    assert all(scores[m] == 1.0 for m in METRICS if m != "size_rate"), scores
+    assert 0.3 < scores["size_rate"] < 0.9  # the grammar states some sizes, not all: a rate, not a score
     assert len(set(hyps)) > 0.6 * len(hyps)  # real variation in wording
     joined = " ".join(hyps)
     for phrase in ("to the left of", "right of", "above", "beneath", "there is", " and ", "as well as",
@@ -259,6 +260,39 @@ def test_scores_drop_on_the_right_metric():
     assert s["relation_accuracy"] == 0.5 and s["relation_axis_accuracy"] == 1.0
     with pytest.raises(ValueError):
         score_captions([good], [TWO, TWO])
+
+
+def test_rates_say_how_often_a_caption_states_what_an_accuracy_measures():
+    # a relation-free caption: rate 0, and the relation scores that count every scene are 0 as well
+    s = _one("a red circle and a blue square", TWO)
+    assert s["relation_rate"] == 0.0 and s["relation_correct"] == 0.0 and s["direction_accuracy"] == 0.0
+    # no size stated for either (right) object: size rate 0; one of two: 0.5
+    assert _one("a red circle left of a blue square", TWO)["size_rate"] == 0.0
+    s = _one("a large red circle left of a blue square", TWO)
+    assert s["size_rate"] == 0.5 and s["size_accuracy"] == 1.0
+    # a mention of an object that is not in the scene counts for neither
+    assert _one("a large green star left of a blue square", TWO)["size_rate"] == 0.0
+
+
+def test_stating_one_right_relation_in_many_scenes_does_not_look_good():
+    """The gamed model of the issue: one correct relation, every other multi-object caption relation-free."""
+    good = "a large red circle to the left of a small blue square"
+    hyps = [good] + ["a large red circle and a small blue square"] * 99
+    s = score_captions(hyps, [TWO] * 100)
+    assert s["relation_accuracy"] == 1.0  # the accuracy alone looks perfect ...
+    assert s["relation_rate"] == pytest.approx(0.01) and s["relation_correct"] == pytest.approx(0.01)  # ... these not
+
+
+def test_direction_is_scored_apart_from_object_recognition():
+    # one object wrong (green square is not in the scene): relation accuracy fails the caption, the direction
+    # score leaves the relation out instead of counting it wrong
+    wrong_object = "a large red circle to the left of a small green square"
+    s = score_captions([wrong_object, "a large red circle to the left of a small blue square",
+                        "a large red circle to the right of a small blue square"], [TWO] * 3)
+    assert s["relation_accuracy"] == pytest.approx(1 / 3) and s["direction_accuracy"] == pytest.approx(0.5)
+    # a wrong axis is a wrong direction
+    assert _one("a large red circle above a small blue square", TWO)["direction_accuracy"] == 0.0
+    assert _one("a small blue square right of a large red circle", TWO)["direction_accuracy"] == 1.0
 
 
 def test_perturbed_references_score_lower():

@@ -67,19 +67,25 @@ def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[s
     """Score captions semantically against their scenes (one scene per hypothesis).
 
     object_accuracy: multiset of mentioned (colour, shape) equals the scene's exactly.
-    size_accuracy: over mentions stating a size that match a scene object, fraction with the right size.
+    size_rate: over mentions that match a scene object, fraction stating a size.
+    size_accuracy: over those mentions stating a size, fraction with the right size.
     relation_rate: over captions of multi-object scenes, fraction stating a relation.
     relation_axis_accuracy / relation_accuracy: over captions of multi-object scenes that state a relation,
         fraction whose relations all have both mentions matching (distinct) scene objects and the right axis /
         the right direction.
+    relation_correct: over captions of multi-object scenes, fraction stating relations that are all right (the
+        accuracy times the rate: a caption that states no relation counts as wrong, so stating less never helps).
+    direction_accuracy: over stated relations between two distinct scene objects, fraction with the right
+        direction: relations judged apart from object recognition (a wrong object leaves the relation out).
     count_accuracy: number of distinct mentioned (colour, shape) equals the number of scene objects.
     An empty denominator gives 0.0.
     """
     if len(hypotheses) != len(scenes):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(scenes)} scenes")
     n_obj = n_count = 0
-    size_total = size_right = 0
+    size_mentions = size_total = size_right = 0
     multi = stated = axis_right = rel_right = 0
+    grounded = direction_right = 0
     for text, scene in zip(hypotheses, scenes):
         objs = scene["objects"]
         index = {(o["colour"], o["shape"]): k for k, o in enumerate(objs)}
@@ -88,6 +94,7 @@ def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[s
         n_obj += Counter(mentioned) == Counter(list(index))
         n_count += len(set(mentioned)) == len(objs)
         for size, c, s in parsed.objects:
+            size_mentions += (c, s) in index
             if size is not None and (c, s) in index:
                 size_total += 1
                 size_right += objs[index[(c, s)]]["size"] == size
@@ -104,6 +111,8 @@ def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[s
                     truth = relation_between(objs[a], objs[b])
                     ok_axis &= AXIS[truth] == AXIS[rel]
                     ok_dir &= truth == rel
+                    grounded += 1
+                    direction_right += truth == rel
                 axis_right += ok_axis
                 rel_right += ok_dir
     n = len(hypotheses)
@@ -113,9 +122,12 @@ def score_captions(hypotheses: Sequence[str], scenes: Sequence[Scene]) -> dict[s
 
     return {
         "object_accuracy": frac(n_obj, n),
+        "size_rate": frac(size_total, size_mentions),
         "size_accuracy": frac(size_right, size_total),
         "relation_rate": frac(stated, multi),
         "relation_axis_accuracy": frac(axis_right, stated),
         "relation_accuracy": frac(rel_right, stated),
+        "relation_correct": frac(rel_right, multi),
+        "direction_accuracy": frac(direction_right, grounded),
         "count_accuracy": frac(n_count, n),
     }
