@@ -57,6 +57,25 @@ demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, 
 	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
 	$(PY) experiments/compare.py $$d
 
+# The learning rates every variant is trained at in `make search`, each then chosen on validation BLEU-4.
+LR_GRID ?= 3e-4,1e-3,3e-3
+
+search: $(VENV)/.installed ## every variant at each LR_GRID rate (seed 0), chosen by validation BLEU-4 -> <sweep>/lr_search.md
+	@d=multirun/search-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
+	$(PY) train.py -m hydra/launcher=parallel model=$(DEMO_ORDER) optimizer.lr=$(LR_GRID) seed=0 \
+		hydra.sweep.dir=$$d && \
+	echo "search wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
+	$(PY) experiments/lr_search.py $$d
+
+# The seeds of `make study`; the search ran on seed 0, so no study run repeats a search run.
+SEEDS ?= 1,2,3
+
+study: $(VENV)/.installed ## every variant x SEEDS (3) offline + the multi-seed report, in multirun/study-<time>/ (2 CPU cores)
+	@d=multirun/study-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
+	$(PY) train.py -m hydra/launcher=parallel model=$(DEMO_ORDER) seed=$(SEEDS) hydra.sweep.dir=$$d && \
+	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
+	$(PY) experiments/compare.py $$d
+
 bench: $(VENV)/.installed ## the benchmark: every speed/memory figure beside its goal -> benchmark.json
 	$(PY) experiments/benchmark.py
 
@@ -72,4 +91,4 @@ report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-fast test-all inspect prepare train sweep demo report bench clean
+.PHONY: help install test test-fast test-all inspect prepare train sweep demo search study report bench clean
