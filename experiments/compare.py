@@ -1,4 +1,5 @@
-"""Comparison report over a Hydra multirun (`make sweep`); the report itself is `captioner.report`.
+"""Comparison report over a Hydra multirun (`make sweep`, or `train.py -m model=a,b seed=1,2,3`: the seeds of a
+variant become one row, mean ± sd); the report itself is `captioner.report`.
 
 usage: python experiments/compare.py SWEEP_DIR [--out DIR] [--bootstrap 1000] [--seed 0] [--html-images 12]
 

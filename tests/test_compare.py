@@ -1,5 +1,6 @@
 """captioner.report (experiments/compare.py's report): exact corpus BLEU from per-image sufficient statistics, the
-paired bootstrap, and the report files built from a small fabricated sweep directory."""
+paired bootstrap and its hierarchical (seed) extension, seed aggregation, and the report files built from small
+fabricated sweep directories."""
 
 import csv
 import functools
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 from captioner.report import ReportError, build_report, main
-from captioner.report.stats import bootstrap_counts, delta_ci, resampled_bleu_4, resampled_mean
+from captioner.report.runs import Run, Variant
+from captioner.report.stats import (bootstrap_counts, delta_ci, hierarchical_deltas, resampled_bleu_4,
+                                    resampled_mean, seed_summary)
 from captioner.scoring.bootstrap import bleu_from_stats, bleu_stats
 from captioner.scoring.metrics import caption_metrics
 from test_metrics import HYPS, REFS
@@ -120,7 +123,7 @@ CSV_COLUMNS = ["epoch", "lr-AdamW", "step", "train/loss_epoch", "train/loss_step
                "val/loss", "val/object_accuracy"]
 
 
-def _write_run(run_dir, model, family, hyps, refs, keys, image_paths, epochs=3):
+def _write_run(run_dir, model, family, hyps, refs, keys, image_paths, epochs=3, seed=0, curve_shift=0.0):
     (run_dir / "csv").mkdir(parents=True)
     (run_dir / "checkpoints").mkdir()
     ckpt = run_dir / "checkpoints" / "best-epoch01.ckpt"
@@ -132,7 +135,7 @@ def _write_run(run_dir, model, family, hyps, refs, keys, image_paths, epochs=3):
                "attention": "mha" if family == "attention" else "none", "data": "shapes", "test": test,
                "caption_prior_bleu_4": 0.219, "best_val_bleu_4": test["bleu_4"], "best_epoch": 1, "epochs": epochs,
                "train_seconds": 12.5, "params_trainable": 123_456, "best_checkpoint": str(ckpt),
-               "run_dir": str(run_dir), "seed": 0}
+               "run_dir": str(run_dir), "seed": seed}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     with open(run_dir / "predictions.jsonl", "w") as f:
         for key, path, h, r in zip(keys, image_paths, hyps, refs):
@@ -144,7 +147,7 @@ def _write_run(run_dir, model, family, hyps, refs, keys, image_paths, epochs=3):
         w.writerow({"lr-AdamW": 1e-5, "step": 0})
         for e in range(epochs):
             w.writerow({"epoch": e, "step": 10 * e + 5, "train/loss_step": 3.0 - e})
-            w.writerow({"epoch": e, "step": 10 * e + 9, "val/bleu_1": 0.5, "val/bleu_4": 0.1 * (e + 1),
+            w.writerow({"epoch": e, "step": 10 * e + 9, "val/bleu_1": 0.5, "val/bleu_4": 0.1 * (e + 1) + curve_shift,
                         "val/loss": 2.0 - 0.2 * e, "val/object_accuracy": 0.3})
             w.writerow({"epoch": e, "step": 10 * e + 9, "train/loss_epoch": 2.5 - 0.3 * e})
 
@@ -264,3 +267,165 @@ def test_compare_script_is_the_report_command_line(tmp_path):
     script = Path(__file__).resolve().parent.parent / "experiments" / "compare.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no finished run" in proc.stderr
+
+
+def test_one_seed_sweep_shows_no_seed_column_nor_rates_it_did_not_record(fake_sweep):
+    build_report(fake_sweep, n_boot=20, html_images=0)
+    md = (fake_sweep / "report" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert "seeds" not in header and "±" not in md and "hierarchical" not in md
+    assert "object acc." in header and "relation acc." in header  # recorded by the fake runs
+    assert "relation rate" not in header and "size acc." not in header  # not recorded: not shown
+
+
+# -- several seeds per variant ----------------------------------------------------------------------------------------
+
+def _write_metrics_only(run_dir, model, seed, bleu_4, seed_in="metrics", **test):
+    """A run with metrics.json only (no predictions, no curves); its seed in metrics.json or, as in runs written
+    before train.py recorded it, only in .hydra/config.yaml."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    metrics = {"model": model, "encoder": "efficientnet_lite0", "decoder": "lstm", "params_trainable": 1000,
+               "best_epoch": seed, "train_seconds": 10.0 * seed, "test": {"bleu_4": bleu_4, "cider": 1.0, **test}}
+    if seed_in == "metrics":
+        metrics["seed"] = seed
+    else:
+        (run_dir / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nmodel:\n  name: {model}\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- seed={seed}\n")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_seed_summary_is_the_mean_and_sample_sd():
+    mean, sd, n = seed_summary([0.1, 0.2, 0.3, None, float("nan")])
+    assert n == 3 and mean == pytest.approx(0.2, abs=1e-12) and sd == pytest.approx(0.1, abs=1e-12)
+    assert seed_summary([0.25]) == (0.25, None, 1) and seed_summary([None]) == (None, None, 0)
+
+
+def test_runs_of_one_model_over_seeds_are_one_row_with_mean_and_sd(tmp_path):
+    sweep = tmp_path / "sweep"
+    rates = dict(relation_accuracy=0.9, relation_rate=0.2, relation_correct=0.18, direction_accuracy=0.95,
+                 size_rate=0.5, size_accuracy=0.8)
+    # job order is not seed order, and one run's seed is only in .hydra/config.yaml
+    _write_metrics_only(sweep / "0_model=dino_lstm,seed=3", "dino_lstm", 3, 0.3, **rates)
+    _write_metrics_only(sweep / "1_model=dino_lstm,seed=1", "dino_lstm", 1, 0.1, seed_in="config", **rates)
+    _write_metrics_only(sweep / "2_model=dino_lstm,seed=2", "dino_lstm", 2, 0.2, **rates)
+    _write_metrics_only(sweep / "3_model=dino_attention,seed=1", "dino_attention", 1, 0.5)
+    report = build_report(sweep, n_boot=10, html_images=0)
+    md = (sweep / "report" / "report.md").read_text()
+
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    lstm = next(line for line in md.splitlines() if line.startswith("| dino_lstm |"))
+    attention = next(line for line in md.splitlines() if line.startswith("| dino_attention |"))
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in lstm.split("|")[1:-1]]))
+    assert cells["seeds"] == "3" and cells["BLEU-4"] == "0.200 ± 0.100" and cells["CIDEr"] == "1.000 ± 0.000"
+    assert cells["best epoch"] == "1–3" and cells["train s"] == "20"  # epochs as a range, seconds as a mean
+    assert "| 1 |" in attention and "**0.500**" in attention and "± " not in attention  # one seed: the value alone
+    # the semantic rates recorded by some run: shown, each accuracy beside its rate, explained in the legend
+    for column in ("relation acc. | relation rate | relation correct | direction acc. | size acc. | size rate",):
+        assert column in header
+    assert cells["relation rate"] == "0.200 ± 0.000" and "stating less" in md and "relation rate:" in md
+    assert len(md.split("| dino_lstm ")) == 2  # one row for the three runs
+
+    entry = {r["label"]: r for r in report["runs"]}["dino_lstm"]
+    assert entry["n_seeds"] == 3 and entry["seeds"] == [1, 2, 3]
+    assert entry["test"]["bleu_4"] == pytest.approx(0.2) and entry["test_sd"]["bleu_4"] == pytest.approx(0.1)
+    assert [r["seed"] for r in entry["seed_runs"]] == [1, 2, 3]
+    assert report["best"] == "dino_attention"  # by mean test BLEU-4: 0.5 > 0.2
+
+
+def _variant(label, hyps_per_seed):
+    runs = []
+    for i, hyps in enumerate(hyps_per_seed):
+        run = Run(dir=None, metrics={"test": {}}, label=label, seed=i)
+        run.stats, run.cider = bleu_stats(hyps, REFS_40), _per_image_cider(tuple(hyps))
+        runs.append(run)
+    return Variant(label=label, runs=runs)
+
+
+def test_hierarchical_bootstrap_with_one_seed_is_the_paired_bootstrap_exactly():
+    bad, good = _variant("bad", [BAD]), _variant("good", [GOOD])
+    for seed in (0, 1):
+        deltas = hierarchical_deltas([bad, good], good, len(REFS_40), 300, seed)
+        assert (deltas["bad"]["bleu_4"], deltas["bad"]["cider"]) == _cis(BAD, GOOD, seed=seed)  # bit for bit
+        assert deltas["good"]["bleu_4"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0}
+
+
+def _mixed(n_good):
+    return GOOD[:n_good] + BAD[n_good:]
+
+
+def test_seed_variance_widens_the_interval():
+    best = _variant("good", [GOOD, GOOD, GOOD])
+    same = _variant("same", [_mixed(20)] * 3)
+    varied = _variant("varied", [_mixed(2), _mixed(20), _mixed(38)])  # about the same mean, far apart seeds
+    deltas = hierarchical_deltas([same, varied, best], best, len(REFS_40), 400, seed=0)
+    width = {k: {m: d[m]["hi"] - d[m]["lo"] for m in d} for k, d in deltas.items()}
+    assert width["varied"]["bleu_4"] > 2 * width["same"]["bleu_4"]
+    assert width["varied"]["cider"] > 2 * width["same"]["cider"]
+    # identical seeds add nothing: the interval of three copies is the one-seed (paired) interval
+    one = hierarchical_deltas([_variant("same", [_mixed(20)]), best], best, len(REFS_40), 400, seed=0)["same"]
+    for m in ("bleu_4", "cider"):
+        assert deltas["same"][m] == pytest.approx(one[m], abs=1e-12)
+
+
+@pytest.fixture
+def seed_sweep(tmp_path):
+    """Two variants x 3 seeds on 20 test images: one clearly better on every seed, seeds differing a little."""
+    from PIL import Image
+
+    sweep, images = tmp_path / "seeds", tmp_path / "images"
+    images.mkdir()
+    n = 20
+    keys = [f"images/test_{i:06d}.jpg" for i in range(n)]
+    paths = [images / f"test_{i:06d}.jpg" for i in range(n)]
+    for i, path in enumerate(paths):
+        Image.new("RGB", (32, 32), (10 * i, 80, 160)).save(path)
+    refs = REFS_40[:n]
+    job = 0
+    for seed, worse_images in zip((1, 2, 3), (0, 2, 4)):  # each seed of the good variant misses a few images
+        good = [BAD[i] if i < worse_images else GOOD[i] for i in range(n)]
+        bad = [GOOD[i] if i < worse_images else BAD[i] for i in range(n)]
+        _write_run(sweep / f"{job}_model=dino_attention,seed={seed}", "dino_attention", "attention", good, refs,
+                   keys, paths, seed=seed, curve_shift=0.01 * seed)
+        _write_run(sweep / f"{job + 1}_model=dino_lstm,seed={seed}", "dino_lstm", "recurrent", bad, refs, keys,
+                   paths, seed=seed, curve_shift=-0.01 * seed)
+        job += 2
+    return sweep
+
+
+def test_a_variant_better_on_every_seed_holds_up_and_curves_get_a_band(seed_sweep, monkeypatch):
+    monkeypatch.setitem(sys.modules, "captioner.caption", _fake_caption_module())
+    report = build_report(seed_sweep, n_boot=300, seed=0, html_images=2)
+    out = seed_sweep / "report"
+    by_label = {r["label"]: r for r in report["runs"]}
+    assert list(by_label) == ["dino_lstm", "dino_attention"] and report["best"] == "dino_attention"
+    assert "hierarchical" in report["interval"]
+    worse = by_label["dino_lstm"]
+    assert worse["n_seeds"] == 3 and worse["holds_up"] == {"bleu_4": True, "cider": True}
+    assert worse["delta_vs_best"]["bleu_4"]["hi"] < 0 and worse["delta_vs_best"]["cider"]["hi"] < 0
+    # the point estimate is the difference of the seed means on the full test set
+    assert worse["delta_vs_best"]["bleu_4"]["delta"] == pytest.approx(
+        worse["test"]["bleu_4"] - by_label["dino_attention"]["test"]["bleu_4"], abs=1e-9)
+    assert by_label["dino_attention"]["holds_up"] == {"bleu_4": False, "cider": False}
+
+    md = (out / "report.md").read_text()
+    assert "hold up (95% interval excludes 0): dino_lstm: ΔBLEU-4, ΔCIDEr." in md
+    assert "hierarchical bootstrap" in md and " ± " in md and "min–max over seeds" in md
+    assert next(line for line in md.splitlines() if line.startswith("| dino_attention |")).endswith(
+        "| best | best |")
+
+    # the curves: mean over seeds as the line, min-max across seeds as the band, in the figure and report.json
+    assert report["curve_band"] == "min–max over seeds"
+    first = report["curves"]["dino_attention"]["val/bleu_4"][0]
+    assert first["n"] == 3 and first["mean"] == pytest.approx(0.12) and (first["min"], first["max"]) == (
+        pytest.approx(0.11), pytest.approx(0.13))
+    for name in ("loss_curves.png", "bleu_curves.png"):
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # report.html: one run's captions per variant, its first seed, named
+    page = (out / "report.html").read_text()
+    assert "dino_lstm (seed 1)" in page and "dino_attention (seed 1)" in page and "(seed 2)" not in page
+    assert "first seed" in page
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.srcs) == 2 + 2 + 2 and all(s.startswith("data:image/") for s in parser.srcs)

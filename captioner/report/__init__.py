@@ -1,14 +1,16 @@
-"""Comparison report over a Hydra multirun (`make sweep`): one table row per variant with paired-bootstrap
-confidence intervals against the best variant, loss and BLEU-4 curves, and an HTML page with test images and every
-variant's caption side by side (plus attention maps for the attention variant when `captioner.caption` exists).
+"""Comparison report over a Hydra multirun (`make sweep`, or `python train.py -m model=a,b seed=1,2,3`): one
+table row per variant (its runs over several seeds grouped: mean ± sd of every score), confidence intervals of its
+difference to the best variant from a bootstrap over the test images (paired) and the seeds (hierarchical), loss and
+BLEU-4 curves (mean over seeds, min–max band), and an HTML page with test images and every variant's caption side
+by side (plus attention maps for the attention variant when `captioner.caption` exists).
 
 usage: python experiments/compare.py SWEEP_DIR [--out DIR] [--bootstrap 1000] [--seed 0] [--html-images 12]
 
 Writes report.md, report.html (self-contained), report.json, loss_curves.png and bleu_curves.png into
 SWEEP_DIR/report/ (or --out).
 
-Modules, in the order a report is built: `runs` (reading the sweep), `stats` (the paired bootstrap), `table`
-(the table and report.md), `plots` (the curves), `html` (report.html).
+Modules, in the order a report is built: `runs` (reading the sweep, grouping runs into variants), `stats` (seed
+means and the bootstrap), `table` (the table and report.md), `plots` (the curves), `html` (report.html).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import atomic_write_text
 from .html import attention_maps_of, render_html, sample_images
-from .plots import plot_curves
-from .runs import ReportError, align_predictions, find_runs, read_run_files
-from .stats import CI_LEVEL, best_run, paired_deltas, score_runs
-from .table import build_table, legend_lines, render_markdown
+from .plots import BAND, plot_curves, seed_curve
+from .runs import CURVES, ReportError, Variant, align_predictions, find_runs, group_variants, read_run_files
+from .stats import CI_LEVEL, best_variant, hierarchical_deltas, score_runs, seed_summary
+from .table import build_table, holding_up, legend_lines, render_markdown, table_columns
 
 __all__ = ["ReportError", "build_report", "main"]
 
@@ -41,48 +43,81 @@ def build_report(sweep_dir, out_dir=None, n_boot: int = 1000, seed: int = 0, htm
     if n_boot < 1:
         raise ReportError(f"--bootstrap must be at least 1 (got {n_boot})")
     runs, missing = find_runs(sweep_dir, out_dir)
+    variants = group_variants(runs)
     for run in runs:
         read_run_files(run)
-    keys = align_predictions(runs)
+    keys = align_predictions(runs)  # every seed of every variant: one test set
     score_runs(runs, keys)
-    best = best_run(runs)
-    deltas = paired_deltas(runs, best, len(keys), n_boot, seed)
+    best = best_variant(variants)
+    deltas = hierarchical_deltas(variants, best, len(keys), n_boot, seed)
+    flags = holding_up(variants, deltas, best)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    header, rows = build_table(runs, deltas, best)
+    header, rows = build_table(variants, deltas, best)
     prior = sorted({round(float(r.metrics["caption_prior_bleu_4"]), 6) for r in runs
                     if r.metrics.get("caption_prior_bleu_4") is not None})
-    legend = legend_lines(len(keys), n_boot, seed, best, prior)
-    figures = plot_curves(runs, out_dir)
-    title = f"Comparison of {len(runs)} variants: {sweep_dir.resolve().name}"
+    several = any(len(v.runs) > 1 for v in variants)
+    legend = legend_lines(len(keys), n_boot, seed, best, prior, variants, deltas, table_columns(variants))
+    figures = plot_curves(variants, out_dir)
+    if several:
+        legend.append(f"Curves: the line is the mean over a variant's seeds, the shaded band spans {BAND} (at each "
+                      "epoch, over the seeds that logged it); ★ marks each seed's tested checkpoint.")
+    title = (f"Comparison of {len(variants)} variants ({len(runs)} runs): {sweep_dir.resolve().name}" if several
+             else f"Comparison of {len(runs)} variants: {sweep_dir.resolve().name}")
     notes = [f"{r.label}: {n}" for r in runs for n in r.notes]
     atomic_write_text(out_dir / "report.md", render_markdown(title, sweep_dir, header, rows, legend, missing, notes,
                                                              figures))
 
-    images, samples = sample_images(runs, best, keys, html_images)
-    maps, map_notes = attention_maps_of(runs, images, samples)
-    page = render_html(title, header, rows, legend + notes, missing, figures, samples, runs, maps, map_notes)
+    # one run's captions per variant: the first seed that has predictions (captions differ from seed to seed)
+    shown = [next((r for r in v.runs if r.predictions is not None), v.first) for v in variants]
+    caption_note = ("A variant with several seeds is shown by the captions (and attention maps) of one run, its "
+                    "first seed with predictions, named beside the caption; the table's scores are over all its "
+                    "seeds.") if several else None
+    images, samples = sample_images(shown, shown[variants.index(best)], keys, html_images)
+    maps, map_notes = attention_maps_of(shown, images, samples)
+    page = render_html(title, header, rows, legend + notes, missing, figures, samples, shown, maps, map_notes,
+                       caption_note)
     atomic_write_text(out_dir / "report.html", page)
 
-    report = {  # report.json: the same numbers as data
+    report = {  # report.json: the same numbers as data; "runs" holds one entry per variant (its seeds inside)
         "sweep_dir": str(sweep_dir.resolve()), "n_test_images": len(keys), "bootstrap": n_boot, "seed": seed,
         "ci_level": CI_LEVEL, "best": best.label,
+        "interval": "hierarchical bootstrap (test images paired across variants, seeds per variant)" if several
+                    else "paired bootstrap of the test images",
         "caption_prior_bleu_4": prior[0] if len(prior) == 1 else (prior or None),
         "columns": header,
-        "runs": [{
-            "label": r.label, "run_dir": str(r.dir), "model": r.metrics.get("model"),
-            "family": r.metrics.get("family"), "encoder": r.metrics.get("encoder"),
-            "decoder": r.metrics.get("decoder"), "params_trainable": r.metrics.get("params_trainable"),
-            "test": r.test, "best_epoch": r.metrics.get("best_epoch"),
-            "train_seconds": r.metrics.get("train_seconds"), "is_best": r is best,
-            "delta_vs_best": deltas.get(r.label), "notes": r.notes,
-        } for r in runs],
+        "runs": [_variant_entry(v, v is best, deltas.get(v.label), flags[v.label], shown[i])
+                 for i, v in enumerate(variants)],
+        "curve_band": BAND,
+        "curves": {v.label: {key: seed_curve(v, key) for key in CURVES} for v in variants},
         "missing": missing,
         "files": {"markdown": "report.md", "html": "report.html", **{k: p.name for k, p in figures.items()}},
     }
     atomic_write_text(out_dir / "report.json", json.dumps(_finite(report), indent=2, ensure_ascii=False))
-    log.info("report of %d runs (%d missing) -> %s", len(runs), len(missing), out_dir)
+    log.info("report of %d variants, %d runs (%d missing) -> %s", len(variants), len(runs), len(missing), out_dir)
     return report
+
+
+def _variant_entry(variant: Variant, is_best: bool, delta: dict | None, flags: dict, shown) -> dict:
+    """report.json's record of one variant: its seed means (and sds) and each seed's own record."""
+    m = variant.metrics
+    test_keys = list(dict.fromkeys(k for r in variant.runs for k in r.test))
+    summaries = {k: seed_summary([r.test.get(k) for r in variant.runs]) for k in test_keys}
+    return {
+        "label": variant.label, "model": m.get("model"), "family": m.get("family"), "encoder": m.get("encoder"),
+        "decoder": m.get("decoder"), "params_trainable": m.get("params_trainable"),
+        "n_seeds": len(variant.runs), "seeds": variant.seeds,
+        "run_dir": str(shown.dir),  # the run whose captions report.html shows
+        "test": {k: s[0] for k, s in summaries.items()},  # mean over seeds (one seed: its value)
+        "test_sd": {k: s[1] for k, s in summaries.items()},  # sample sd over seeds (null with one seed)
+        "best_epoch": m.get("best_epoch") if len(variant.runs) == 1 else None,  # per seed: "seed_runs"
+        "train_seconds": seed_summary([r.metrics.get("train_seconds") for r in variant.runs])[0],  # mean
+        "is_best": is_best, "delta_vs_best": delta, "holds_up": flags,
+        "notes": [f"{r.label}: {n}" if len(variant.runs) > 1 else n for r in variant.runs for n in r.notes],
+        "seed_runs": [{"seed": r.seed, "run_dir": str(r.dir), "test": r.test, "best_epoch": r.metrics.get("best_epoch"),
+                       "train_seconds": r.metrics.get("train_seconds"), "has_predictions": r.stats is not None}
+                      for r in variant.runs],
+    }
 
 
 def _finite(obj):
@@ -102,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path, help="a multirun directory: one subdirectory per run")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/report)")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the test images")
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="bootstrap resamples (of the test images, and of each variant's seeds where it has several)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     ap.add_argument("--html-images", type=int, default=12, help="test images shown in report.html")
     args = ap.parse_args(argv)

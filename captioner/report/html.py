@@ -1,5 +1,6 @@
 """report.html: one self-contained page (every image embedded) with the table, the figures, and test images
-with their references, every run's caption and, for attention runs, the attention maps."""
+with their references, every variant's caption and, for attention variants, the attention maps. A variant with
+several seeds is shown by the run of its first seed (captions differ from seed to seed; one is enough to read)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ img.attention { max-width: 100%; display: block; margin-top: 4px; }
 
 def render_html(title: str, header: list[str], rows: list, legend: list[str], missing: list[dict],
                 figures: dict[str, Path], samples: list[dict], runs: list[Run], maps: dict[str, dict],
-                map_notes: dict[str, str]) -> str:
+                map_notes: dict[str, str], caption_note: str | None = None) -> str:
+    """`runs`: the run whose captions stand for each variant; `caption_note`: which seed they come from."""
     e = html.escape
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
            f"<style>{HTML_STYLE}</style></head><body><h1>{e(title)}</h1>"]
@@ -109,6 +111,8 @@ def render_html(title: str, header: list[str], rows: list, legend: list[str], mi
                    f"<img class='figure' alt='{e(name)}' src='{_data_uri(path.read_bytes(), 'image/png')}'>")
     if samples:
         out.append(f"<h2>Test images (first {len(samples)} by key)</h2>")
+        if caption_note:
+            out.append(f"<p class='note'>{e(caption_note)}</p>")
     for note_label, note in map_notes.items():
         out.append(f"<p class='note'>{e(note_label)}: {e(note)}</p>")
     for s in samples:
@@ -151,7 +155,8 @@ def sample_images(runs: list[Run], best: Run, keys: list[str], n: int) -> tuple[
 
 
 def attention_maps_of(runs: list[Run], images: dict, samples: list[dict]) -> tuple[dict, dict[str, str]]:
-    """Attention maps of every attention-family run ({label: {key: map}}) and why any are missing."""
+    """Attention maps of every attention-family run given ({label: {key: map}}: the runs whose captions the page
+    shows) and why any are missing."""
     maps, map_notes = {}, {}
     for run in runs:
         if run.metrics.get("family") == "attention" and samples:

@@ -1,5 +1,6 @@
 """Reading a sweep: its finished runs (metrics.json, predictions.jsonl, the CSV logger's curves) and the missing
-ones, in the variants' order, checked to be comparable image by image."""
+ones, in the variants' order, checked to be comparable image by image, and grouped into variants: the runs of one
+variant differ only in their training seed (`python train.py -m model=a,b seed=1,2,3`)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,38 @@ class Run:
     stats: np.ndarray | None = None  # (n_images, 10) BLEU sufficient statistics, in the report's image order
     cider: np.ndarray | None = None  # (n_images,) per-image CIDEr-D, same order
     notes: list[str] = field(default_factory=list)
+    seed: int | None = None  # the training seed: metrics.json's, else .hydra/config.yaml's
+    overrides: list[str] | None = None  # .hydra/overrides.yaml (the job's command-line overrides), when there
 
     @property
     def test(self) -> dict:
         return self.metrics.get("test") or {}
+
+
+@dataclass
+class Variant:
+    """One row of the report: the runs of one model (and any other non-seed override) over its seeds, in seed
+    order."""
+    label: str
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        """The run that stands for the variant where one must (captions, attention maps): its first seed."""
+        return self.runs[0]
+
+    @property
+    def metrics(self) -> dict:
+        return self.first.metrics
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def scored(self) -> list[Run]:
+        """The runs with per-image scores (a predictions.jsonl), which the intervals resample."""
+        return [r for r in self.runs if r.stats is not None]
 
 
 def variant_order() -> list[str]:
@@ -60,9 +89,12 @@ def find_runs(sweep_dir: Path, out_dir: Path | None = None) -> tuple[list[Run], 
         path = d / "metrics.json"
         if path.exists():
             try:
-                runs.append(Run(dir=d, metrics=json.loads(path.read_text())))
+                metrics = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 missing.append({"run": d.name, "reason": f"unreadable metrics.json ({e})"})
+                continue
+            overrides = _read_overrides(d)
+            runs.append(Run(dir=d, metrics=metrics, seed=_read_seed(d, metrics, overrides), overrides=overrides))
         elif re.match(r"\d+(_|$)", d.name) or (d / ".hydra").is_dir():  # a Hydra job dir, not some other folder
             missing.append({"run": d.name, "reason": "no metrics.json (crashed, killed or still running; "
                                                      "see its train.log)"})
@@ -74,16 +106,83 @@ def find_runs(sweep_dir: Path, out_dir: Path | None = None) -> tuple[list[Run], 
     # first); other runs after them, in job order (a stable sort).
     order = variant_order()
     runs.sort(key=lambda r: order.index(r.metrics.get("model")) if r.metrics.get("model") in order else len(order))
-    _label_runs(runs)
     return runs, missing
 
 
-def _label_runs(runs: list[Run]) -> None:
-    """Label = the model name; where a sweep trains one model several times (e.g. over lr), the run dir's
-    overrides tell the rows apart."""
-    models = [r.metrics.get("model") or r.dir.name for r in runs]
-    for run, model in zip(runs, models):
-        run.label = model if models.count(model) == 1 else re.sub(r"^\d+_", "", run.dir.name) or run.dir.name
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        import yaml
+
+        value = yaml.safe_load(path.read_text())
+    except Exception:  # a damaged Hydra record: fall back to the job dir's name, as without one
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
+def _read_seed(run_dir: Path, metrics: dict, overrides: list[str] | None) -> int | None:
+    """metrics.json's seed (train.py records it), else .hydra/config.yaml's top-level `seed` (runs written
+    before it did), else a `seed=` override."""
+    if _is_int(metrics.get("seed")):
+        return metrics["seed"]
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():
+        try:
+            import yaml
+
+            seed = (yaml.safe_load(config.read_text()) or {}).get("seed")
+            if _is_int(seed):
+                return seed
+        except Exception:  # unreadable or not a mapping: the override or nothing
+            pass
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "seed" and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+    return None
+
+
+def _variant_parts(run: Run) -> tuple[str, ...]:
+    """What tells a run's variant apart besides its model: its overrides other than the model and the seed.
+    From .hydra/overrides.yaml, else from the job dir's name (`<n>_<key>=<value>,...`, where Hydra's
+    override_dirname may separate key and value by '-' instead of '=')."""
+    if run.overrides is not None:
+        items = [(o.partition("=")[0].lstrip("+~"), o) for o in run.overrides]
+    else:
+        name = re.sub(r"^\d+_", "", run.dir.name)
+        items = [(re.split(r"[=-]", o, maxsplit=1)[0], o) for o in name.split(",") if o]
+    return tuple(sorted(o for key, o in items if key not in ("model", "seed")))
+
+
+def group_variants(runs: list[Run]) -> list[Variant]:
+    """The runs grouped by variant (model + non-seed overrides), in the order of their first run, each variant's
+    runs in seed order. Label = the model name; where a sweep trains one model several ways (e.g. over lr), the
+    differing overrides are added to tell the rows apart. Runs of a variant with several seeds are labelled
+    `<variant> (seed <s>)` in notes and captions."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.metrics.get("model") or run.dir.name, _variant_parts(run)), []).append(run)
+    models = [model for model, _ in groups]
+    variants = []
+    for (model, parts), members in groups.items():
+        # a stable sort: runs without a seed after the seeded ones, in job order
+        members.sort(key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+        label = model if models.count(model) == 1 else f"{model} ({', '.join(parts)})" if parts else model
+        variant = Variant(label=label, runs=members)
+        for run in members:
+            run.label = label if len(members) == 1 else f"{label} (seed {run.seed if run.seed is not None else '?'})"
+        seeds = [s for s in variant.seeds if s is not None]
+        if len(set(seeds)) < len(seeds):  # two runs of one seed still count twice, but the user should know
+            members[0].notes.append(f"seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} appear more than "
+                                    "once among this variant's runs; each run counts as one seed")
+        variants.append(variant)
+    return variants
 
 
 def read_predictions(path: Path) -> dict[str, dict]:

@@ -1,5 +1,6 @@
-"""The paired bootstrap: every variant's test score resampled over the SAME resamples of the test images, and
-its difference from the best variant with a percentile confidence interval."""
+"""The bootstrap of the report: every variant's test score resampled over the SAME resamples of the test images
+(paired) and, where a variant has several seeds, over resamples of its seeds (hierarchical), and its difference
+from the best variant with a percentile confidence interval; and the mean ± sd of a variant's seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from ..scoring.bootstrap import bleu_from_stats, bleu_stats
 from ..scoring.metrics import caption_metrics
 from ..scoring.ptb import evaluation_texts
-from .runs import Run
+from .runs import Run, Variant
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +67,79 @@ def score_runs(runs: list[Run], keys: list[str]) -> None:
                 run.notes.append(msg)
 
 
-def best_run(runs: list[Run]) -> Run:
-    """The run with the best test BLEU-4 as recorded; the first run wins a tie."""
-    return max(runs, key=lambda r: (r.test.get("bleu_4") if r.test.get("bleu_4") is not None else -1.0))
+def seed_summary(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample sd (ddof=1), n) of a variant's per-seed values, the finite numbers among them; sd is None
+    with fewer than 2 values (no spread to estimate), mean None with none."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+    if not xs:
+        return None, None, 0
+    if len(xs) == 1:  # that value exactly, not a float mean of it: a one-seed report prints today's numbers
+        return xs[0], None, 1
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)), len(xs)
 
 
-def paired_deltas(runs: list[Run], best: Run, n_images: int, n_boot: int, seed: int) -> dict[str, dict]:
-    """{run label: {"bleu_4": delta_ci, "cider": delta_ci}} of every scored run against `best`; empty when the
-    best run has no predictions to resample."""
+def best_variant(variants: list[Variant]) -> Variant:
+    """The variant with the best mean test BLEU-4 over its seeds as recorded; the first variant wins a tie."""
+    def key(v: Variant) -> float:
+        mean = seed_summary([r.test.get("bleu_4") for r in v.runs])[0]
+        return mean if mean is not None else -1.0
+
+    return max(variants, key=key)
+
+
+def seed_draws(n_seeds: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_seeds) indices of a variant's seeds drawn with replacement in each resample."""
+    return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+
+
+def mean_over_drawn_seeds(per_run: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """per_run (n_boot, n_seeds): each run's score on each image resample; draws (n_boot, n_seeds): the seeds of
+    each resample -> (n_boot,) the variant's resampled score, the mean over its drawn seeds."""
+    return np.take_along_axis(per_run, draws, axis=1).mean(axis=1)
+
+
+def _full_bleu_4(run: Run) -> float:
+    return float(bleu_from_stats(run.stats.sum(0))[3])
+
+
+def hierarchical_deltas(variants: list[Variant], best: Variant, n_images: int, n_boot: int,
+                        seed: int) -> dict[str, dict]:
+    """{variant label: {"bleu_4": delta_ci, "cider": delta_ci}} of every scored variant against `best`; empty when
+    the best variant has no predictions to resample.
+
+    Each resample draws the test images with replacement (one count matrix for every variant: paired) and,
+    independently per variant, its seeds with replacement; the variant's score is the mean over its drawn seeds
+    of each drawn run's score on the drawn images. Vectorised: every run's (n_boot,) scores come from the shared
+    counts once, the seed draws then only index them. The point estimate is the difference of the seed means on
+    the full test set. With one seed per variant the draws are all 0, and this is the paired bootstrap exactly."""
     deltas: dict[str, dict] = {}
-    if best.stats is None or not n_images:
+    if not best.scored or not n_images:
         return deltas
     counts = bootstrap_counts(n_images, n_boot, seed)
-    ref_bleu, ref_cider = resampled_bleu_4(best.stats, counts), resampled_mean(best.cider, counts)
-    full_bleu = lambda r: float(bleu_from_stats(r.stats.sum(0))[3])  # noqa: E731
-    for run in runs:
-        if run.stats is None:
+    resampled, full = {}, {}
+    for i, variant in enumerate(variants):
+        runs = variant.scored
+        if not runs:
             continue
-        deltas[run.label] = {
-            "bleu_4": delta_ci(resampled_bleu_4(run.stats, counts), ref_bleu, full_bleu(run), full_bleu(best)),
-            "cider": delta_ci(resampled_mean(run.cider, counts), ref_cider, float(run.cider.mean()),
-                              float(best.cider.mean())),
-        }
+        # its own stream per variant (independent seed draws), apart from the image counts' stream of `seed`
+        draws = seed_draws(len(runs), n_boot, np.random.default_rng([seed, 1, i]))
+        bleu = np.stack([resampled_bleu_4(r.stats, counts) for r in runs], axis=1)
+        cider = np.stack([resampled_mean(r.cider, counts) for r in runs], axis=1)
+        resampled[variant.label] = {"bleu_4": mean_over_drawn_seeds(bleu, draws),
+                                    "cider": mean_over_drawn_seeds(cider, draws)}
+        # sum/len: one seed gives its own score exactly, so one seed reproduces the paired bootstrap bit for bit
+        full[variant.label] = {"bleu_4": sum(_full_bleu_4(r) for r in runs) / len(runs),
+                               "cider": sum(float(r.cider.mean()) for r in runs) / len(runs)}
+    ref = best.label
+    for label in resampled:
+        deltas[label] = {m: delta_ci(resampled[label][m], resampled[ref][m], full[label][m], full[ref][m])
+                         for m in ("bleu_4", "cider")}
     return deltas
+
+
+def holds_up(ci: dict | None) -> bool | None:
+    """Whether a difference holds up: its interval excludes 0 (beyond float noise of the scorer); None without
+    an interval."""
+    if ci is None:
+        return None
+    return bool(ci["lo"] > 1e-9 or ci["hi"] < -1e-9)
