@@ -15,7 +15,7 @@ checkpoint: one line `error: ...` on stderr).
 The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform (`resize` mode
 included) it was trained on; the encoder runs on the fly (no feature cache). A checkpoint trained with a local
 weights file records the file's path and SHA-256: where the file lives elsewhere, `--encoder-weights FILE` gives
-its location, and a file with other contents is refused. For the attention variant, `--attention-maps DIR` writes
+its location, and a file with other contents is refused. For an attention variant, `--attention-maps DIR` writes
 one PNG per image: the image and the cross-attention heat-map behind each generated word, as `<stem>.attention.png`
 (replacing this command's own earlier map of that name, never writing through a link planted there).
 """
@@ -253,8 +253,8 @@ def caption_files(args: argparse.Namespace) -> int:
                                encoder_weights=args.encoder_weights)
     if maps_dir is not None:
         if not captioner.spatial:
-            print("note: --attention-maps needs the attention variant (dino_attention); this checkpoint's decoder "
-                  f"({captioner.model.hparams.decoder['_target_']}) has no spatial attention, no maps written",
+            print("note: --attention-maps needs an attention variant (dino_attention, dino_sat); this checkpoint's "
+                  f"decoder ({captioner.model.hparams.decoder['_target_']}) has no spatial attention, no maps written",
                   file=sys.stderr)
             maps_dir = None
         else:

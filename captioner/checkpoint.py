@@ -69,7 +69,7 @@ FAMILY_HYPER_PARAMETERS = ("alpha_c", "attention_maps")
 REQUIRED = ("vocab", "decoder", "encoder")
 # Decoder hyper-parameters that count layers (bounded by MAX_LAYERS) and that are widths (bounded by MAX_WIDTH).
 LAYER_COUNTS = ("num_layers", "encoder_layers", "decoder_layers")
-WIDTHS = ("embed_dim", "hidden_dim", "d_model", "ff_dim", "max_len", "num_heads")
+WIDTHS = ("embed_dim", "hidden_dim", "d_model", "ff_dim", "max_len", "num_heads", "memory_dim", "attention_dim")
 # A `_target_` a checkpoint names: a dotted path inside this package, and nothing else is ever imported for it.
 PACKAGE_PATH = re.compile(r"captioner(\.[A-Za-z_][A-Za-z0-9_]*)+")
 # The Lightning checkpoint's state-dict key of the tensor whose shape records each size (key, axis), for the
@@ -81,6 +81,7 @@ SIZE_WITNESSES = {
     "decoder.hidden_dim": (("decoder.head.weight", 1),),  # recurrent decoders only (the transformer's is d_model)
     "decoder.embed_dim": (("decoder.embed.weight", 1),),
     "decoder.d_model": (("decoder.tok_emb.weight", 1),),
+    "decoder.memory_dim": (("decoder.feat_proj.1.weight", 0),),  # Show-Attend-Tell's annotation vectors
     "decoder.ff_dim": (("decoder.blocks.0.mlp.0.weight", 0),),
     "decoder.max_len": (("decoder.pos_emb", 0),),
     "grid rows": (("decoder.row_pos", 0),),

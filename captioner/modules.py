@@ -2,9 +2,10 @@
 Hydra builds from its config (`_target_`, conf/decoder/ and conf/attention/) over cached encoder features.
 
 - `PooledCaptioner`: the image as one pooled vector (variants 1-4: RNN / LSTM decoders);
-- `AttentionCaptioner`: the image as spatial tokens the decoder attends over (variant 5: the transformer); it owns
-  what attention brings: the doubly stochastic attention regulariser of Show, Attend and Tell (`alpha_c`), and
-  the per-word attention maps of a few test images, kept in the run directory and logged to W&B.
+- `AttentionCaptioner`: the image as spatial tokens the decoder attends over (variants 5-6: the transformer,
+  Show-Attend-Tell); it owns what attention brings: the doubly stochastic attention regulariser of Show, Attend
+  and Tell (`alpha_c`), and the per-word attention maps of a few test images, kept in the run directory and
+  logged to W&B.
 Both share one step for train/val/test: teacher-forced cross-entropy ignoring padding; validation and test also
 decode for real (greedy by default; beam search with `decode.beam_size>1`) and score against all references.
 Under DDP each rank decodes its shard of the split; at the epoch end the outputs of all ranks are gathered and

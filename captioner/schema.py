@@ -201,7 +201,7 @@ class Metrics:
 # that takes a setting of this name is held to its rule.
 PART_RULES: dict[str, Mapping] = {name: f.metadata for name, f in {
     "embed_dim": at_least(1), "hidden_dim": at_least(1), "num_layers": at_least(1), "d_model": at_least(1),
-    "num_heads": at_least(1), "encoder_layers": at_least(0),
+    "num_heads": at_least(1), "encoder_layers": at_least(0), "memory_dim": at_least(1), "attention_dim": at_least(1),
     "decoder_layers": at_least(1, note="cross-attention is how the decoder sees the image"), "ff_dim": at_least(1),
     "dropout": between(0, 1, high_open=True), "position_std": at_least(0.0, kind=float), "max_len": at_least(1),
     "alpha_c": at_least(0.0, kind=float, note="0 = no attention regulariser"), "attention_maps": at_least(0),
@@ -291,10 +291,12 @@ def check_decoder(node: Mapping, prefix: str = "decoder.", resolve: Callable[[st
                             "mechanism (an nn.Module with keys_values, as captioner.decoders.MultiHeadAttention)")
         elif att_cls is not None:
             problems += check_part(attention, att_cls, f"{prefix}attention.", ATTENTION_RUNTIME)
-        heads, width = attention.get("num_heads"), node.get("d_model")
+        # the width the attention works in: the transformer's d_model, Show-Attend-Tell's memory_dim
+        name = "d_model" if "d_model" in node else "memory_dim"
+        heads, width = attention.get("num_heads"), node.get(name)
         if not problems and isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
-            problems.append(f"{prefix}d_model={width} is not divisible by {prefix}attention.num_heads={heads}: each "
-                            "head takes d_model / num_heads dimensions")
+            problems.append(f"{prefix}{name}={width} is not divisible by {prefix}attention.num_heads={heads}: each "
+                            f"head takes {name} / num_heads dimensions")
     elif attention is not None:
         problems.append(f"{prefix}attention={_shown(attention)}: allowed is an attention mechanism (attention=...) or "
                         "null")

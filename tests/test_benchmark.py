@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from captioner.config import variants
 from conftest import REPO
 
 KEYS = ["extraction_vs_forward", "cached_speedup", "batched_beam_speedup", "rss_ratio_10x", "demo_sweep_seconds",
@@ -32,6 +33,6 @@ def test_benchmark_smoke_produces_every_figure(tmp_path):
     assert "decode between forwards" in r.stdout
     assert b["cached_step_recurrent_s"] > 0 and b["cached_step_recurrent_share"] > 0  # what bounds figure 2
     assert math.isfinite(b["cached_speedup_ceiling"]) and "LSTM kernels alone" in r.stdout
-    assert set(b["captions_per_s"]) == {"resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init", "dino_attention"}
+    assert set(b["captions_per_s"]) == set(variants())
     assert all(v > 0 for v in b["captions_per_s"].values())
     assert "goal >= 0.9" in r.stdout and "goal <= 1.3" in r.stdout

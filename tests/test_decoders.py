@@ -15,15 +15,16 @@ from captioner.modules import build_part
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 V, D, GRID = 24, 32, (2, 3)  # 4 specials + 20 words; a 2x3 grid of 32-dim image tokens
 NAMES = options("decoder")
+ATTENTION = {"transformer": "mha", "show_attend_tell": "soft"}  # the spatial decoders and the mechanism each uses
 
 
 def decoder_factory(name: str):
-    """The decoder of conf/decoder/<name>.yaml as training builds it (a partial), with the multi-head attention of
-    conf/attention/mha.yaml where it attends."""
+    """The decoder of conf/decoder/<name>.yaml as training builds it (a partial), with the attention of its variant
+    (conf/attention/) where it attends."""
     from captioner.config import compose
     from omegaconf import OmegaConf
 
-    attention = ["attention=mha"] if name == "transformer" else []
+    attention = [f"attention={ATTENTION[name]}"] if name in ATTENTION else []
     return build_part(OmegaConf.to_container(compose([f"decoder={name}", *attention]).decoder, resolve=True))
 
 
@@ -42,7 +43,7 @@ def one_thread():
 
 
 def make(name: str, **kwargs) -> torch.nn.Module:
-    extra = {"grid": GRID} if name == "transformer" else {}
+    extra = {"grid": GRID} if name in ATTENTION else {}
     return build_decoder(name, vocab_size=V, feature_dim=D, **extra, **kwargs)
 
 
@@ -74,7 +75,7 @@ def stepwise(decoder, feats: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 def test_every_decoder_config_builds_a_decoder_class():
     from captioner.decoders import interface_problem
 
-    assert set(NAMES) == {"rnn", "lstm", "lstm_init", "transformer"}
+    assert set(NAMES) == {"rnn", "lstm", "lstm_init", "transformer", "show_attend_tell"}
     for name in NAMES:
         factory = decoder_factory(name)
         assert interface_problem(factory.func) is None, name
@@ -86,7 +87,7 @@ def test_every_decoder_config_builds_a_decoder_class():
 def test_shapes_and_state(name):
     torch.manual_seed(0)
     dec = make(name)
-    assert dec.feature == ("spatial" if name == "transformer" else "pooled")
+    assert dec.feature == ("spatial" if name in ATTENTION else "pooled")
     feats, caps = features(dec, 3), captions([2, 5, 0], L=8)
     assert dec(feats, caps).shape == (3, 7, V)
     state = dec.init_state(feats)
@@ -112,7 +113,7 @@ def test_padding_never_reaches_valid_positions(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_step_equals_teacher_forcing(name):
     torch.manual_seed(0)
-    dec = make(name, num_layers=2) if name != "transformer" else make(name)
+    dec = make(name, num_layers=2) if name not in ATTENTION else make(name)
     dec.eval()
     feats, caps = features(dec, 4), captions([1, 3, 6, 4], L=9)
     with torch.no_grad():
@@ -211,13 +212,13 @@ def test_overfits_a_tiny_set(name):
     assert greedy_decode(dec, feats, max_len=10) == words.tolist()
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "lstm_init", "transformer"])
+@pytest.mark.parametrize("name", ["rnn", "lstm", "lstm_init", "transformer", "show_attend_tell"])
 def test_image_index_equals_repeating_the_features(name):
     """Batches carry each image once plus caption->image indices; that must equal repeating the features."""
     torch.manual_seed(0)
-    extra = {"grid": (2, 3)} if name == "transformer" else {}
+    extra = {"grid": (2, 3)} if name in ATTENTION else {}
     dec = build_decoder(name, vocab_size=20, feature_dim=8, **extra).eval()
-    feats = torch.randn(3, 6, 8) if name == "transformer" else torch.randn(3, 8)
+    feats = torch.randn(3, 6, 8) if name in ATTENTION else torch.randn(3, 8)
     index = torch.tensor([0, 0, 1, 2, 2, 2])
     caps = torch.randint(4, 20, (6, 7))
     caps[:, 0] = 1

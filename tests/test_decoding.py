@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from captioner.data.vocabulary import Vocabulary
-from captioner.decoders import LSTMDecoder, LSTMInitDecoder, RNNDecoder, TransformerDecoder
+from captioner.decoders import LSTMDecoder, LSTMInitDecoder, RNNDecoder, ShowAttendTellDecoder, TransformerDecoder
 from captioner.decoding import beam_search, greedy_decode
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 SPECIAL = {PAD, SOS, EOS}
 A, B, C, D, E, F = 4, 5, 6, 7, 8, 9  # words of the hand-made decoders
-DECODERS = {"rnn": RNNDecoder, "lstm": LSTMDecoder, "lstm_init": LSTMInitDecoder, "transformer": TransformerDecoder}
+DECODERS = {"rnn": RNNDecoder, "lstm": LSTMDecoder, "lstm_init": LSTMInitDecoder, "transformer": TransformerDecoder,
+            "show_attend_tell": ShowAttendTellDecoder}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,6 +82,7 @@ def _trained(name: str, steps: int = 40):
     # transformer: small position tables, so that 40 steps on random-noise "images" already give image-dependent
     # captions (with content-scale positions, which every image shares, the few steps give one caption for all)
     extra = {"grid": grid, "position_std": 0.02} if name == "transformer" else {}
+    extra = {"grid": grid} if name == "show_attend_tell" else extra
     dec = DECODERS[name](vocab_size=V, feature_dim=dim, **extra)
     shape = (2 * n, 9, dim) if dec.feature == "spatial" else (2 * n, dim)
     feats = torch.randn(shape)

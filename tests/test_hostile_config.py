@@ -102,7 +102,7 @@ def test_the_default_configs_pass_the_schema():
     from captioner.schema import check_config
 
     for overrides in (["model=" + m for m in ("resnet_rnn", "dino_rnn", "dino_lstm", "dino_lstm_init",
-                                               "dino_attention")]
+                                               "dino_attention", "dino_sat")]
                       + ["experiment=flickr8k", "experiment=flickr30k", "experiment=coco", "trainer=ddp_cpu",
                          "data=csv experiment=none", "data=flickr8k_csv experiment=none",
                          "data=karpathy experiment=none", "data=coco experiment=none"]):

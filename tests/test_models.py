@@ -37,7 +37,7 @@ def test_variant_overfits_a_few_images(model, few_images_root):
     dm.prepare_data()
     dm.setup("fit")
     module = build_model(cfg, dm)
-    assert (module.family == "attention") == (model == "dino_attention")
+    assert (module.family == "attention") == (model in ("dino_attention", "dino_sat"))
     batch = next(iter(dm.train_dataloader()))
     optimizer = module.configure_optimizers.__self__.optimizer_factory(params=module.parameters())
     losses = []

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, SoftAttention
 from .recurrent import LSTMDecoder, LSTMInitDecoder, RNNDecoder
+from .show_attend_tell import ShowAttendTellDecoder
 from .transformer import TransformerDecoder
 
 FEATURES = ("pooled", "spatial")
@@ -42,5 +43,5 @@ def interface_problem(cls) -> str | None:
     return None
 
 
-__all__ = ["FEATURES", "interface_problem", "MultiHeadAttention", "RNNDecoder", "LSTMDecoder", "LSTMInitDecoder",
-           "TransformerDecoder"]
+__all__ = ["FEATURES", "interface_problem", "MultiHeadAttention", "SoftAttention", "RNNDecoder", "LSTMDecoder",
+           "LSTMInitDecoder", "TransformerDecoder", "ShowAttendTellDecoder"]

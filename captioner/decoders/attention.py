@@ -88,3 +88,50 @@ class MultiHeadAttention(nn.Module):
         else:
             y, att = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal), None
         return y, att
+
+
+class SoftAttention(nn.Module):
+    """Show, Attend and Tell's soft attention (additive, Bahdanau): e_i = w^T tanh(W_a a_i + W_h h), alpha =
+    softmax_i(e), context = sum_i alpha_i a_i, with the interface of `MultiHeadAttention` (one head), so that it
+    serves the Show-Attend-Tell decoder and every attention layer of the transformer alike.
+
+    The values are the annotation vectors themselves, unprojected, as in the paper: the output has the width of
+    the memory (d_model). `dropout` drops attention weights, as MultiHeadAttention's attention dropout does."""
+
+    def __init__(self, d_model: int, dropout: float, attention_dim: int = 512) -> None:
+        super().__init__()
+        self.dropout, self.attention_dim = dropout, attention_dim
+        self.key = nn.Linear(d_model, attention_dim)  # W_a, applied once per image
+        self.query = nn.Linear(d_model, attention_dim)  # W_h
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def keys_values(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys (B, 1, m, attention_dim) and values (B, 1, m, d) of x (B, m, d); with `index`, of the rows x[index]."""
+        k = self.key(x)
+        if index is not None:  # each distinct image projected once, then copied to its captions
+            k, x = k.index_select(0, index), x.index_select(0, index)
+        return k[:, None], x[:, None]
+
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, causal: bool = False, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (N, n, d), k (B, 1, m, a), v (B, 1, m, d) -> (N, n, d), and the weights (N, 1, n, m) if asked for.
+
+        N = G*B: G consecutive rows of x share one row of keys/values (the G beams of one image), their G*n queries
+        stacked against it as in MultiHeadAttention."""
+        N, n, _ = x.shape
+        B, m = k.shape[0], k.shape[2]
+        groups = N // B
+        if groups * B != N or (groups > 1 and causal):
+            raise ValueError(f"{N} query rows cannot share keys/values of {B} rows" + (" causally" if causal else ""))
+        q = self.query(x).reshape(B, groups * n, 1, -1)  # rows b*G + g of x -> image b, queries g*n + i
+        # (B, G*n, m): the additive score of every query against every key
+        scores = self.score(torch.tanh(q + k[:, 0, None])).squeeze(-1).float()
+        if causal:
+            future = torch.ones(n, m, dtype=torch.bool, device=x.device).triu(m - n + 1)
+            scores = scores.masked_fill(future, float("-inf"))
+        att = scores.softmax(dim=-1)
+        p = self.dropout if self.training else 0.0
+        y = byte_dropout(att, p).to(v.dtype) @ v[:, 0]  # (B, G*n, d)
+        weights = att.view(N, 1, n, m) if need_weights else None
+        return y.view(N, n, -1), weights

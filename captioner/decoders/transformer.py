@@ -193,7 +193,8 @@ class TransformerDecoder(nn.Module):
         state = {"tokens": torch.zeros(B, 0, dtype=torch.long, device=features.device)}
         for i, (k, v) in enumerate(self._cross_kv(features)):
             state[f"cross_k.{i}"], state[f"cross_v.{i}"] = k, v
-            state[f"self_k.{i}"] = state[f"self_v.{i}"] = k[:, :, :0]  # empty prefix cache (B, heads, 0, dh)
+            # empty prefix caches (B, heads, 0, .): keys and values may differ in width (SoftAttention's do)
+            state[f"self_k.{i}"], state[f"self_v.{i}"] = k[:, :, :0], v[:, :, :0]
         return state
 
     def step(self, tokens: Tensor, state: dict[str, Tensor], return_attention: bool = False):
