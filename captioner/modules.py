@@ -289,9 +289,10 @@ class PooledCaptioner(Captioner):
 class AttentionCaptioner(Captioner):
     """The image as spatial tokens (B, h*w, D) that the decoder attends over.
 
-    `alpha_c` weighs Show, Attend and Tell's doubly stochastic regulariser, alpha_c * sum over image tokens of
-    (1 - attention the token got over the caption's words)^2, which pushes the words to look at every part of the
-    image in turn (0: off). `attention_maps`: how many test images keep the per-word attention maps of their
+    `alpha_c` weighs Show, Attend and Tell's doubly stochastic regulariser, alpha_c * mean over image tokens (and
+    captions) of (1 - attention the token got over the caption's words)^2, which pushes the words to look at every
+    part of the image in turn (0: off). The mean, as in the tutorial implementation, not the paper's sum: the
+    cross-entropy here is a mean per word, and a sum over 49 tokens would outweigh it some 40-fold. `attention_maps`: how many test images keep the per-word attention maps of their
     generated caption (`attention_maps.json` in the run directory, and images in W&B)."""
 
     family = "attention"
@@ -312,7 +313,7 @@ class AttentionCaptioner(Captioner):
         logits, att = self.decoder(features, captions, image_index, return_attention=True)
         words = (captions[:, 1:] != self.vocab.pad_id).to(att.dtype)  # positions that predict a word or <eos>
         seen = (att * words[..., None]).sum(dim=1)  # (B, T): attention each image token got over the caption
-        return self._cross_entropy(logits, captions) + self.alpha_c * ((1 - seen.float()) ** 2).sum(dim=1).mean()
+        return self._cross_entropy(logits, captions) + self.alpha_c * ((1 - seen.float()) ** 2).mean()
 
     # -- attention maps -------------------------------------------------------------------------------------
     @torch.no_grad()  # decoding steps under autocast: see captioner.decoding on inference_mode

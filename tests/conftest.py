@@ -164,3 +164,15 @@ def _unbind_log_handlers_from(*streams) -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and any(handler.stream is s for s in streams):
                 handler.setStream(sys.__stderr__)
+
+
+def doubly_stochastic_reference(att, captions, pad_id=0):
+    """Show-Attend-Tell's regulariser as the tutorial writes it, one caption and one token at a time:
+    mean over captions b and tokens i of (1 - sum over the caption's predicting positions t of alpha[b, t, i])^2."""
+    terms = []
+    for b in range(att.shape[0]):
+        n_words = int((captions[b, 1:] != pad_id).sum())  # positions predicting a word or <eos>
+        for i in range(att.shape[2]):
+            terms.append((1 - sum(float(att[b, t, i]) for t in range(n_words))) ** 2)
+    return sum(terms) / len(terms)
+

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoders import MultiHeadAttention, ShowAttendTellDecoder, SoftAttention, TransformerDecoder
 from captioner.decoding import beam_search, greedy_decode
-from conftest import run_cli
+from conftest import doubly_stochastic_reference, run_cli
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 V, D, GRID = 24, 32, (2, 3)  # 4 specials + 20 words; a 2x3 grid of 32-dim image tokens
@@ -301,9 +301,9 @@ def test_the_doubly_stochastic_regulariser_is_applied():
     loss = on.training_loss(feats, caps, index)
     assert loss > off.training_loss(feats, caps, index)  # an untrained model does not cover every token once
     _, att = on.decoder(feats, caps, index, return_attention=True)
-    words = (caps[:, 1:] != PAD).float()
-    penalty = ((1 - (att * words[..., None]).sum(1)) ** 2).sum(1).mean()
-    torch.testing.assert_close(loss, on.caption_loss(feats, caps, index) + penalty)
+    penalty = doubly_stochastic_reference(att, caps, PAD)
+    assert 0 < penalty < 1  # a mean over tokens: on the scale of one word's cross-entropy, not 4 times it
+    assert float(loss) == pytest.approx(float(on.caption_loss(feats, caps, index)) + penalty, rel=1e-5)
     loss.backward()  # the term reaches the attention's parameters
     assert on.decoder.attention.key.weight.grad.abs().sum() > 0
 
