@@ -39,7 +39,7 @@ prepare: $(VENV)/.installed ## generate the shapes world and cache its Efficient
 train: $(VENV)/.installed ## train + test one captioner offline (experiment=shapes_offline, model=dino_lstm_init)
 	$(PY) train.py
 
-sweep: $(VENV)/.installed ## train + test all five variants offline in one Hydra multirun
+sweep: $(VENV)/.installed ## train + test every variant offline in one Hydra multirun
 	$(PY) train.py -m model=$(VARIANTS)
 
 # The variants in their numbered order, read from conf/model/*.yaml (`model.variant`), where they are listed once.
@@ -51,14 +51,14 @@ VARIANTS = $(shell $(MODEL_NUMBERS) | sort -n | cut -d' ' -f2 | paste -sd, -)
 # second thread).
 DEMO_ORDER = $(shell $(MODEL_NUMBERS) | sort -rn | cut -d' ' -f2 | paste -sd, -)
 
-demo: $(VENV)/.installed ## offline five-variant sweep + its comparison report, in multirun/demo-<time>/ (≈10 min, 2 CPU cores)
+demo: $(VENV)/.installed ## offline sweep of every variant (one seed) + its comparison report, in multirun/demo-<time>/
 	@d=multirun/demo-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \
 	$(PY) train.py -m hydra/launcher=parallel model=$(DEMO_ORDER) hydra.sweep.dir=$$d && \
 	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
 	$(PY) experiments/compare.py $$d
 
 # The learning rates every variant is trained at in `make search`, each then chosen on validation BLEU-4.
-LR_GRID ?= 3e-4,1e-3,3e-3
+LR_GRID ?= 1e-4,3e-4,1e-3,3e-3
 
 search: $(VENV)/.installed ## every variant at each LR_GRID rate (seed 0), chosen by validation BLEU-4 -> <sweep>/lr_search.md
 	@d=multirun/search-$$(date +%Y-%m-%d_%H-%M-%S); start=$$(date +%s); \

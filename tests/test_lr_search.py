@@ -1,6 +1,7 @@
 """The learning-rate search's summary: each variant's rate chosen on validation BLEU-4, never on test scores."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,17 @@ def test_an_empty_or_foreign_directory_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "x" / "metrics.json").write_text("{}")
     assert main([str(tmp_path)]) == 2
     assert ".hydra/config.yaml: missing" in capsys.readouterr().err
+
+
+def test_every_variant_trains_at_the_rate_its_recorded_search_chose():
+    """The configs' learning rates are the search's choices (experiments/results/lr_search.json), one per variant:
+    no variant runs an untuned default, and none was tuned apart from the others."""
+    from captioner.config import compose, variants
+
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "experiments" / "results" / "lr_search.json").read_text())
+    chosen = {row["model"]: row["chosen_lr"] for row in recorded["choices"]}
+    assert set(chosen) == set(variants()), "re-run `make search` after adding a variant"
+    grids = {tuple(sorted(row["val_bleu_4"])) for row in recorded["choices"]}
+    assert len(grids) == 1, "every variant searched over the same grid"
+    for model in variants():
+        assert compose([f"model={model}"]).optimizer.lr == pytest.approx(chosen[model]), model
