@@ -176,3 +176,14 @@ def doubly_stochastic_reference(att, captions, pad_id=0):
             terms.append((1 - sum(float(att[b, t, i]) for t in range(n_words))) ** 2)
     return sum(terms) / len(terms)
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on tiny tensors: more threads only add synchronisation, which
+    turns pathological (tens of ms per op) when the CPU is shared with another busy process."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,14 +32,7 @@ def build_decoder(name: str, **kwargs) -> torch.nn.Module:
     return decoder_factory(name)(**kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which turns pathological (tens of ms
-    per op) when the CPU is shared with another busy process. One thread is faster and predictable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def make(name: str, **kwargs) -> torch.nn.Module:

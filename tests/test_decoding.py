@@ -21,13 +21,7 @@ DECODERS = {"rnn": RNNDecoder, "lstm": LSTMDecoder, "lstm_init": LSTMInitDecoder
             "show_attend_tell": ShowAttendTellDecoder}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to CPU contention (see test_decoders.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 class TableDecoder(nn.Module):

@@ -23,13 +23,7 @@ T = GRID[0] * GRID[1]
 ATTENTIONS = {"soft": partial(SoftAttention, attention_dim=16), "mha": partial(MultiHeadAttention, num_heads=2)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to CPU contention (see test_decoders.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def sat(attention: str = "soft", seed: int = 0, **kwargs) -> ShowAttendTellDecoder:
