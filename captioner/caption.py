@@ -1,11 +1,16 @@
 """Caption your own images with a trained checkpoint.
 
 usage: python -m captioner.caption --ckpt PATH IMAGE_OR_DIR [...] [--beam-size 3] [--max-len 30] [--json]
+                                   [--block-trigrams] [--sample [--temperature 1.0] [--top-k 0] [--seed N]]
                                    [--attention-maps DIR] [--device auto|cpu|cuda|cuda:N] [--batch-size 16]
                                    [--encoder-weights FILE]
        (also installed as `captioner-caption`)
 
-Prints `file<TAB>caption` per image (or one JSON object per line with --json). Directories are walked for image
+Prints `file<TAB>caption` per image (or one JSON object per line with --json). Captions are the most probable
+ones (greedy, or beam search with --beam-size); --sample draws each word instead (from the model's distribution
+sharpened by --temperature below 1, and only among the --top-k most probable words when given): run it again, or
+name the image twice, for other captions; --seed makes the draws repeatable. --block-trigrams keeps any caption
+from repeating a trigram. Directories are walked for image
 files (.jpg .jpeg .png .webp .bmp .gif .tif .tiff); files named on the command line are always tried. A file
 that cannot be read (corrupt, truncated, empty, unreadable, not an image), and a directory named on the command
 line that holds no image, is reported on stderr and skipped; the others are still captioned. Exit status: 0 when
@@ -49,15 +54,17 @@ class ImageCaptioner:
     """A checkpoint's captioner with its own frozen encoder: PIL images in, captions out."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "auto", beam_size: int | None = None,
-                 max_len: int | None = None, encoder_weights: str | Path | None = None) -> None:
+                 max_len: int | None = None, encoder_weights: str | Path | None = None,
+                 decode: dict | None = None) -> None:
         """`encoder_weights`: where the checkpoint's encoder weights file is on this machine, when not where
-        training read it (its SHA-256 must match the recorded one)."""
+        training read it (its SHA-256 must match the recorded one). `decode`: other decode settings
+        (`block_trigrams`, `sample`, `temperature`, `top_k`)."""
         problem = device_problem(device)
         if problem:
             raise UserError(f"--device {problem}")
         self.device = torch.device(resolve_device(device))
         self.model = load_captioner(ckpt_path, self.device)
-        decode = self._decode_overrides(beam_size, max_len)  # before the encoder is built: a bad flag fails fast
+        decode = self._decode_overrides(beam_size, max_len, decode or {})  # before the encoder: a bad flag fails fast
         self.spec = relocate_weights(EncoderSpec.from_checkpoint(self.model.hparams.encoder), encoder_weights,
                                      "--encoder-weights /path/to/file", ckpt_path)
         self.encoder = FrozenEncoder(self.spec).to(self.device)
@@ -67,14 +74,22 @@ class ImageCaptioner:
                              ckpt_path)
         self.model.decode_cfg.update(decode)
 
-    def _decode_overrides(self, beam_size: int | None, max_len: int | None) -> dict:
+    def _decode_overrides(self, beam_size: int | None, max_len: int | None, other: dict) -> dict:
         """The decode settings asked for, within what this checkpoint's decoder can do (the transformer has
         learned positions for a fixed number of words)."""
+        from .schema import Decode, check_section
+
         limit = caption_length_limit(self.model.hparams.decoder)
         for flag, value, high in (("--beam-size", beam_size, MAX_BEAM), ("--max-len", max_len, limit)):
             if value is not None and not (is_integer(value) and 1 <= value <= high):
                 raise UserError(f"{flag} {value}: allowed is an integer in [1, {high}] for this checkpoint")
-        return {k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}
+        asked = {**{k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}, **other}
+        if asked.get("sample") and beam_size is None:
+            asked["beam_size"] = 1  # sampling replaces the checkpoint's default search
+        problems = check_section({**self.model.decode_cfg, **asked}, Decode, "--", closed=False)
+        if problems:  # in the flags' spelling: --top-k=-1 cannot work: ...
+            raise UserError("; ".join(p.replace("_", "-") for p in problems))
+        return asked
 
     @torch.inference_mode()
     def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -223,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-len", type=integer_in(1), default=None,
                         help="maximum caption length in words (at most what the checkpoint's decoder can produce)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of file<TAB>caption")
+    parser.add_argument("--block-trigrams", action="store_true", help="no caption repeats a trigram")
+    parser.add_argument("--sample", action="store_true",
+                        help="draw each word from the model's distribution instead of taking the most probable")
+    parser.add_argument("--temperature", type=float, default=None, help="with --sample: below 1 sharpens (default 1)")
+    parser.add_argument("--top-k", type=integer_in(0), default=None,
+                        help="with --sample: draw among the k most probable words only (default 0: all)")
+    parser.add_argument("--seed", type=integer_in(0), default=None, help="with --sample: repeatable draws")
     parser.add_argument("--attention-maps", metavar="DIR", help="attention variant: write one PNG per image here")
     parser.add_argument("--device", type=device_argument, default="auto",
                         help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -249,8 +271,14 @@ def caption_files(args: argparse.Namespace) -> int:
     maps_dir = Path(args.attention_maps) if args.attention_maps else None
     if maps_dir is not None:
         refuse_file_as_maps_dir(maps_dir)  # before the checkpoint is loaded: a mistyped path fails at once
+    if (args.temperature is not None or args.top_k is not None or args.seed is not None) and not args.sample:
+        raise UserError("--temperature, --top-k and --seed only apply with --sample")
+    decode = {k: v for k, v in (("block_trigrams", args.block_trigrams or None), ("sample", args.sample or None),
+                                ("temperature", args.temperature), ("top_k", args.top_k)) if v is not None}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     captioner = ImageCaptioner(args.ckpt, args.device, args.beam_size, args.max_len,
-                               encoder_weights=args.encoder_weights)
+                               encoder_weights=args.encoder_weights, decode=decode)
     if maps_dir is not None:
         if not captioner.spatial:
             print("note: --attention-maps needs an attention variant (dino_attention, dino_sat); this checkpoint's "

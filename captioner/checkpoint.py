@@ -423,10 +423,11 @@ def state_mismatches(own: Mapping[str, torch.Tensor], state) -> list[str]:
     return parts
 
 
-def check_state_matches(model: torch.nn.Module, ckpt: dict, path) -> None:
-    """Refuse to resume training from a checkpoint whose weights do not fit the model this run's configuration
-    builds (another decoder, other sizes, another encoder's feature size, another vocabulary): loading would fail
-    deep inside Lightning, or worse, a vocabulary of the same size would silently give words new meanings."""
+def check_state_matches(model: torch.nn.Module, ckpt: dict, path, action: str = "resume") -> None:
+    """Refuse to resume training from (or, `action="fine-tune"`, start stage=scst from) a checkpoint whose weights
+    do not fit the model this run's configuration builds (another decoder, other sizes, another encoder's feature
+    size, another vocabulary): loading would fail deep inside Lightning, or worse, a vocabulary of the same size
+    would silently give words new meanings."""
     problems = state_mismatches(model.state_dict(), ckpt.get("state_dict"))
     theirs = (ckpt.get("hyper_parameters") or {}).get("vocab")
     ours = dict(getattr(model, "hparams", None) or {}).get("vocab")
@@ -437,10 +438,11 @@ def check_state_matches(model: torch.nn.Module, ckpt: dict, path) -> None:
     if problems:
         config = Path(path).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
         where = f" ({config} lists them)" if config.is_file() else ""
+        key = "ckpt_path" if action == "resume" else "init_from"
         raise CheckpointError(
-            f"{path}: cannot resume from it: its weights do not fit the model this configuration builds: "
-            f"{'; '.join(problems)}. Resume with the same model/decoder/encoder/data settings as the run that wrote "
-            f"it{where}, or drop ckpt_path to start a new run")
+            f"{path}: cannot {action} from it: its weights do not fit the model this configuration builds: "
+            f"{'; '.join(problems)}. Use the same model/decoder/encoder/data settings as the run that wrote "
+            f"it{where}, or another {key}")
 
 
 def check_features_match(model, dim: int, grid, source: str, path) -> None:

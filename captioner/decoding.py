@@ -5,10 +5,13 @@
   beam_search(decoder, features, beam_size=3, max_len=30)  B images x K beams as B*K rows of one step call;
                                                            each step: expand, select the top K, retire the
                                                            finished, drop the done images, follow the beams
+  sample_captions(decoder, features, n_samples=5)          B images x n samples drawn word by word (with
+                                                           temperature and top-k): diverse captions, and what
+                                                           self-critical training rewards
 
-Both return one list of word ids per image, without `<sos>`/`<eos>`/`<pad>`, at most `max_len` words, and with
-`return_scores=True` also each caption's score (sum of log-probabilities; for beam search divided by the length
-penalty when one is set). They run under `torch.no_grad()`, on the features' device, and under
+The first two return one list of word ids per image, without `<sos>`/`<eos>`/`<pad>`, at most `max_len` words,
+and with `return_scores=True` also each caption's score (sum of log-probabilities; for beam search divided by the
+length penalty when one is set); sampling returns the id tensor (`to_word_lists` makes lists of it). All run under `torch.no_grad()`, on the features' device, and under
 `torch.autocast` (log-softmax and scores are float32). Not `torch.inference_mode()`: it turns off autocast's
 cache of low-precision weight copies, and each step would then re-cast every weight. They do not change the
 decoder's train/eval mode: call `decoder.eval()` first, or dropout will sample.
@@ -16,7 +19,8 @@ decoder's train/eval mode: call `decoder.eval()` first, or dropout will sample.
 `<sos>` and `<pad>` are never generated (they are never training targets, so any probability the model gives
 them is noise), `<eos>` is not allowed before `min_len` words, and the ids in `suppress` are never generated
 (`Captioner.generate` passes `<unk>` there under `decode.suppress_unk`, as the research codebases do: an unknown
-word is never a useful caption word, and it would be scored as a word no reference has).
+word is never a useful caption word, and it would be scored as a word no reference has). With `block_trigrams`
+no caption repeats a trigram ("a red circle and a red circle"): the word that would is banned at that step.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ SOS, EOS, PAD = Vocabulary.sos_id, Vocabulary.eos_id, Vocabulary.pad_id
 
 def _next_log_probs(
     decoder: nn.Module, tokens: Tensor, state: dict, n_words: int, min_len: int, sos_id: int, eos_id: int, pad_id: int,
-    suppress: Sequence[int] = (),
+    suppress: Sequence[int] = (), history: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """One decoder step -> float32 log-probabilities (N, V) of the next word with the banned words at -inf.
+    `history` (N, n_words): the words so far, given when repeated trigrams are banned (`block_trigrams`).
 
     Banned words are masked after the log-softmax, not before, so that scores stay the model's own
     log-probabilities of the sequence (masking first would renormalise over the allowed words).
@@ -44,7 +49,20 @@ def _next_log_probs(
     logp = logits.float().log_softmax(dim=-1)
     banned = [sos_id, pad_id, *suppress] + ([eos_id] if n_words < min_len else [])
     logp[:, banned] = float("-inf")
+    if history is not None:
+        ban_repeated_trigrams(logp, history)
     return logp, state
+
+
+def ban_repeated_trigrams(logp: Tensor, history: Tensor) -> None:
+    """In place: for each row, -inf for every word that would repeat a trigram of `history` (N, t), i.e. the
+    words that followed the row's last two words before (the research codebases' `block_trigrams`)."""
+    if history.shape[1] < 3:
+        return
+    a, b = history[:, -2:-1], history[:, -1:]
+    seen = (history[:, :-2] == a) & (history[:, 1:-1] == b)  # (N, t-2): earlier places of the last bigram
+    rows, at = seen.nonzero(as_tuple=True)
+    logp[rows, history[rows, at + 2]] = float("-inf")
 
 
 def _reorder(x: Tensor, rows: Tensor) -> Tensor:
@@ -80,6 +98,7 @@ def greedy_decode(
     min_len: int = 0,
     pad_id: int = PAD,
     suppress: Sequence[int] = (),
+    block_trigrams: bool = False,
     return_scores: bool = False,
 ):
     """Most probable next word at every step, for the whole batch at once; stops when every caption has ended."""
@@ -90,7 +109,8 @@ def greedy_decode(
     scores = torch.zeros(B, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_len):
-        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id, suppress)
+        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id, suppress,
+                                      seqs[:, :t] if block_trigrams else None)
         best, tokens = logp.max(dim=-1)
         scores += best.masked_fill(finished, 0.0)
         tokens = tokens.masked_fill(finished, pad_id)  # ended captions only get padding (never read back)
@@ -100,6 +120,58 @@ def greedy_decode(
             break
     ids = _to_lists(seqs, sos_id, eos_id, pad_id)
     return (ids, scores.tolist()) if return_scores else ids
+
+
+@torch.no_grad()  # not inference_mode: see the module docstring
+def sample_captions(
+    decoder: nn.Module,
+    features: Tensor,
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_len: int = 30,
+    sos_id: int = SOS,
+    eos_id: int = EOS,
+    *,
+    min_len: int = 0,
+    pad_id: int = PAD,
+    suppress: Sequence[int] = (),
+    block_trigrams: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """`n_samples` captions per image, each word drawn from softmax(logits / temperature) over the allowed words
+    (only the `top_k` most probable ones when top_k > 0), every image and sample in one batch: rows
+    b*n .. b*n+n-1 are image b's. Returns their ids (B*n, max_len): the words, `<eos>` (unless max_len came
+    first), then `<pad>`; `to_word_lists` makes lists of them. Self-critical training samples with this."""
+    if n_samples < 1 or temperature <= 0 or top_k < 0:
+        raise ValueError(f"sampling needs n_samples >= 1, temperature > 0 and top_k >= 0, got {n_samples}, "
+                         f"{temperature}, {top_k}")
+    B, device = features.shape[0], features.device
+    shared = tuple(getattr(decoder, "per_image_state", ()))  # kept at one row per image, as in beam search
+    state = {name: x if shared and name.startswith(shared) else x.repeat_interleave(n_samples, dim=0)
+             for name, x in decoder.init_state(features).items()}
+    N = B * n_samples
+    tokens = torch.full((N,), sos_id, dtype=torch.long, device=device)
+    seqs = torch.full((N, max_len), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_len):
+        logp, state = _next_log_probs(decoder, tokens, state, t, min_len, sos_id, eos_id, pad_id, suppress,
+                                      seqs[:, :t] if block_trigrams else None)
+        if top_k:
+            kth = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values[:, -1:]
+            logp = logp.masked_fill(logp < kth, float("-inf"))
+        tokens = torch.multinomial((logp / temperature).softmax(dim=-1), 1, generator=generator).squeeze(1)
+        tokens = tokens.masked_fill(finished, pad_id)
+        seqs[:, t] = tokens
+        finished |= tokens == eos_id
+        if finished.all():
+            break
+    return seqs
+
+
+def to_word_lists(seqs: Tensor, sos_id: int = SOS, eos_id: int = EOS, pad_id: int = PAD) -> list[list[int]]:
+    """(N, T) generated ids -> one list of word ids per row, cut at the first `<eos>`, special ids left out."""
+    return _to_lists(seqs, sos_id, eos_id, pad_id)
 
 
 @torch.no_grad()  # not inference_mode: see the module docstring
@@ -114,6 +186,7 @@ def beam_search(
     eos_id: int = EOS,
     pad_id: int = PAD,
     suppress: Sequence[int] = (),
+    block_trigrams: bool = False,
     return_scores: bool = False,
 ):
     """Batched beam search: the most probable caption of each image found by keeping `beam_size` prefixes.
@@ -134,7 +207,7 @@ def beam_search(
     search = _Beams(decoder, features, beam_size, max_len, sos_id, pad_id)
     answers = _Answers(features.shape[0], max_len, pad_id, features.device)
     for t in range(max_len):  # t = words in each live beam before this step
-        logp = search.expand(decoder, t, min_len, sos_id, eos_id, pad_id, suppress)
+        logp = search.expand(decoder, t, min_len, sos_id, eos_id, pad_id, suppress, block_trigrams)
         word, src = search.select_top_k(logp, t)
         search.retire_finished(word, eos_id, penalty(t))
         done = search.done(max(penalty(t + 1), penalty(max_len)))
@@ -195,10 +268,10 @@ class _Beams:
         return torch.arange(len(self.alive), device=self.alive.device)
 
     def expand(self, decoder: nn.Module, t: int, min_len: int, sos_id: int, eos_id: int, pad_id: int,
-               suppress: Sequence[int]) -> Tensor:
+               suppress: Sequence[int], block_trigrams: bool = False) -> Tensor:
         """One decoder step of every live beam: the log-probabilities (n*K, V) of each next word."""
         logp, self.state = _next_log_probs(decoder, self.tokens, self.state, t, min_len, sos_id, eos_id, pad_id,
-                                           suppress)
+                                           suppress, self.seqs[:, :t] if block_trigrams else None)
         self.constant = {name: x for name, x in self.state.items() if x is self.constant.get(name)}
         return logp
 

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .data.vocabulary import Vocabulary
-from .decoding import beam_search, greedy_decode
-from .scoring.metrics import val_bleu_scores
+from .scst import SelfCritical
+from .decoding import beam_search, greedy_decode, sample_captions, to_word_lists
+from .scoring.metrics import validation_scores
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
 
 
 # What `decode:` in conf/train.yaml sets; a checkpoint saved before a key existed gets its default here.
-DECODE_DEFAULTS = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, "suppress_unk": True}
+DECODE_DEFAULTS = {"beam_size": 1, "max_len": 30, "min_len": 1, "length_penalty": 0.0, "suppress_unk": True,
+                   "block_trigrams": False, "sample": False, "temperature": 1.0, "top_k": 0}
 
 
 def _distributed() -> bool:
@@ -98,14 +100,19 @@ class Captioner(L.LightningModule):
         decode: Mapping[str, Any] | None = None,
         meteor: bool = True,
         tokenizer: str = "auto",
+        scst: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # factories (optimizer, scheduler partials) stay out of the checkpoint's hyper-parameters
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # factories (optimizer, scheduler partials) stay out of the checkpoint's hyper-parameters, and so does how
+        # the weights were trained (`scst`): a captioner is used the same way after either stage
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "scst"])
         self.vocab = Vocabulary.from_dict(dict(vocab))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decoder = self.build_decoder(decoder, feature_dim, tuple(grid))
         self.decode_cfg = {**DECODE_DEFAULTS, **dict(decode or {})}
+        # stage=scst: training maximises the CIDEr-D of sampled captions (captioner.scst) instead of cross-entropy
+        self.scst = SelfCritical(**dict(scst)) if scst else None
+        self.reward = None  # its reward, built from the training references when fitting starts
         self.eval_outputs: list[dict] = []
         self.test_results: dict = {}
         self.test_predictions: list[dict] = []
@@ -140,12 +147,16 @@ class Captioner(L.LightningModule):
 
     def generate(self, features: torch.Tensor, **overrides) -> list[str]:
         """Captions of `features` under the decode config (`decode.*`, then `overrides`): every setting but the
-        beam's own applies to greedy decoding and beam search alike."""
+        beam's own applies to greedy decoding, beam search and sampling (`sample`, with `temperature`, `top_k`)
+        alike."""
         cfg = {**self.decode_cfg, **overrides}
         common = dict(max_len=cfg["max_len"], min_len=cfg["min_len"], sos_id=self.vocab.sos_id,
                       eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id,
-                      suppress=[self.vocab.unk_id] if cfg["suppress_unk"] else [])
-        if cfg["beam_size"] > 1:
+                      suppress=[self.vocab.unk_id] if cfg["suppress_unk"] else [],
+                      block_trigrams=cfg["block_trigrams"])
+        if cfg["sample"]:
+            ids = to_word_lists(sample_captions(self.decoder, features, 1, cfg["temperature"], cfg["top_k"], **common))
+        elif cfg["beam_size"] > 1:
             ids = beam_search(self.decoder, features, beam_size=cfg["beam_size"],
                               length_penalty=cfg["length_penalty"], **common)
         else:
@@ -154,6 +165,14 @@ class Captioner(L.LightningModule):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         features, captions = batch["features"], batch["captions"]
+        if stage == "train" and self.scst is not None:
+            loss, logged = self.scst.loss(self.decoder, self.vocab, features, batch["index"], self.reward,
+                                          self.decode_cfg)
+            self._check_finite(loss)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(features))
+            for name, value in logged.items():
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(features))
+            return loss
         if stage == "train":
             loss = self.training_loss(features, captions, batch["caption_image"])
             self._check_finite(loss)
@@ -186,6 +205,16 @@ class Captioner(L.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._step(batch, "test")
 
+    def on_fit_start(self) -> None:
+        """stage=scst: the reward's CIDEr-D document frequencies from the training references, computed once."""
+        if self.scst is None or self.reward is not None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or getattr(dm, "train_batches", None) != "images":
+            raise RuntimeError("stage=scst trains on batches of training images with all their references: build the "
+                               "DataModule with train_batches='images' (train.py does this for stage=scst)")
+        self.reward = self.scst.build_reward([r.captions for r in dm.records["train"]], self.hparams.tokenizer)
+
     # -- epoch ends -----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.eval_outputs = []
@@ -208,9 +237,9 @@ class Captioner(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.eval_outputs = self.gather_eval_outputs()
-        bleu = val_bleu_scores([o["hypothesis"] for o in self.eval_outputs],
-                               [o["references"] for o in self.eval_outputs], tokenizer=self.hparams.tokenizer)
-        for name, value in bleu.items():
+        scores = validation_scores([o["hypothesis"] for o in self.eval_outputs],
+                                   [o["references"] for o in self.eval_outputs], tokenizer=self.hparams.tokenizer)
+        for name, value in scores.items():
             self.log(f"val/{name}", value, prog_bar=name == "bleu_4")
         semantic = self._semantic("val")
         for name, value in semantic.items():

@@ -64,6 +64,8 @@ def _describe(meta: Mapping) -> str:
         return "true or false"
     if kind is str:
         return "a string" + (" or null" if meta.get("optional") else "")
+    if kind is dict:
+        return "a mapping"
     noun = "an integer" if kind is int else "a number"
     if "high" in meta:
         allowed = f"{noun} in [{meta['low']}, {meta['high']}{')' if meta['high_open'] else ']'}"
@@ -88,6 +90,8 @@ def _valid(value: Any, meta: Mapping) -> bool:
     kind = meta.get("kind")
     if kind is bool or kind is str:
         return isinstance(value, kind)
+    if kind is dict:
+        return isinstance(value, Mapping)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if kind is int and not isinstance(value, int):
@@ -182,12 +186,48 @@ class Decode:
     min_len: int = at_least(0, note="words before <eos> may end the caption")
     length_penalty: float = at_least(0.0, kind=float, note="0 = none; GNMT's alpha, typically up to 1")
     suppress_unk: bool = flag()
+    block_trigrams: bool = flag()
+    sample: bool = flag()
+    temperature: float = at_least(0.01, kind=float, note="1 = the model's own distribution; lower is greedier")
+    top_k: int = at_least(0, note="0 = sample from every word")
 
     @staticmethod
     def relations(v: dict, prefix: str) -> list[str]:
+        if v["sample"] and v["beam_size"] > 1:
+            return [f"{prefix}sample=true samples one caption word by word, but {prefix}beam_size={v['beam_size']} "
+                    "asks for beam search; allowed is one of them (beam_size=1 with sampling)"]
         if v["min_len"] > v["max_len"]:
             return [f"{prefix}min_len={v['min_len']} is more than {prefix}max_len={v['max_len']}: no caption could "
                     "end; allowed is min_len <= max_len"]
+        return []
+
+
+@dataclass
+class Reward:
+    cider: float = at_least(0.0, kind=float)
+    bleu_4: float = at_least(0.0, kind=float)
+
+    @staticmethod
+    def relations(v: dict, prefix: str) -> list[str]:
+        if v["cider"] + v["bleu_4"] <= 0:
+            return [f"{prefix}cider and {prefix}bleu_4 are both 0: there would be nothing to learn; allowed is a "
+                    "positive weight on at least one"]
+        return []
+
+
+@dataclass
+class SelfCriticalTraining:
+    samples: int = at_least(1, note="captions sampled per image")
+    temperature: float = at_least(0.01, kind=float, note="1 = the model's own distribution")
+    top_k: int = at_least(0, note="0 = sample from every word")
+    baseline: str = one_of("greedy", "mean")
+    reward: dict = field(default=None, metadata={"kind": dict})
+
+    @staticmethod
+    def relations(v: dict, prefix: str) -> list[str]:
+        if v["baseline"] == "mean" and v["samples"] < 2:
+            return [f"{prefix}baseline=mean is the mean reward of an image's other samples, but {prefix}samples="
+                    f"{v['samples']}; allowed is samples >= 2, or baseline=greedy"]
         return []
 
 
@@ -367,8 +407,8 @@ class Shapes:
 
 # The config's top-level keys (conf/train.yaml and its groups): a `+key=...` beside them is a typo, not a setting.
 TOP_LEVEL = {"attention", "callbacks", "ckpt_path", "data", "datamodule", "decode", "decoder", "encoder", "features",
-             "label_smoothing", "loader", "logger", "metrics", "model", "offline_encoder_swap", "optimizer", "paths",
-             "run_name", "scheduler", "seed", "task", "text", "trainer"}
+             "init_from", "label_smoothing", "loader", "logger", "metrics", "model", "offline_encoder_swap",
+             "optimizer", "paths", "run_name", "scheduler", "scst", "seed", "task", "text", "trainer"}
 SEED = {"kind": int, "low": 0, "high": 2**32 - 1, "high_open": False}
 
 
@@ -455,6 +495,24 @@ def _section(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key}: its value does not resolve: {e}") from None
 
 
+def check_stage(cfg: DictConfig) -> list[str]:
+    """stage=scst: its settings, and the cross-entropy checkpoint it starts from."""
+    scst, init_from = _section(cfg, "scst"), _section(cfg, "init_from")
+    if scst is None:
+        return [] if init_from is None else [
+            f"init_from={_shown(init_from)} is only read by stage=scst (self-critical training starts from those "
+            "weights); add stage=scst, or resume a run with ckpt_path=..."]
+    if not isinstance(scst, Mapping):
+        return [f"scst={_shown(scst)}: allowed is the settings of stage=scst"]
+    problems = check_section(scst, SelfCriticalTraining, "scst.")
+    if isinstance(scst.get("reward"), Mapping):
+        problems += check_section(scst["reward"], Reward, "scst.reward.")
+    if not isinstance(init_from, str) or not init_from:
+        problems.append("stage=scst fine-tunes a cross-entropy model: add init_from=<its run dir> or "
+                        "init_from=<run dir>/checkpoints/best-epochNN.ckpt (a random model would never earn a reward)")
+    return problems
+
+
 def check_config(cfg: DictConfig, task: str = "train") -> None:
     """Refuse a composed `train` / `eval` config with any value that cannot work: one ConfigError listing each
     key, its value and what is allowed."""
@@ -481,6 +539,7 @@ def check_config(cfg: DictConfig, task: str = "train") -> None:
     problems += check_trainer(c["trainer"] or {})
     if task == "train":
         problems += check_optimizer(c.get("optimizer") or {})
+        problems += check_stage(cfg)
     else:
         problems += _check_value(cfg, "split", {"choices": ("val", "test")})
         problems += _check_value(cfg, "overwrite", {"kind": bool})

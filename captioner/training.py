@@ -90,8 +90,10 @@ def build_datamodule(cfg: DictConfig, vocab=None, feature: str | None = None) ->
     decoder (`feature`: those of a checkpoint's model instead); `vocab`: a checkpoint's, instead of building one
     from train."""
     node = OmegaConf.to_container(cfg.datamodule, resolve=True)
+    # self-critical training samples captions per image and rewards them against all its references
+    batches = "images" if cfg.get("scst") else "captions"
     return hydra.utils.instantiate(node, feature=feature or model_family(cfg).feature, vocab=vocab,
-                                   _convert_="all")
+                                   train_batches=batches, _convert_="all")
 
 
 def model_family(cfg: DictConfig) -> type:
@@ -111,6 +113,7 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
         encoder=dm.encoder_spec.to_dict(), model_name=name, feature_dim=dm.feature_dim, grid=tuple(dm.grid),
         optimizer=hydra.utils.instantiate(cfg.optimizer), scheduler=scheduler, label_smoothing=cfg.label_smoothing,
         decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor, tokenizer=cfg.metrics.tokenizer,
+        scst=OmegaConf.to_container(cfg.scst) if cfg.get("scst") else None,
         _recursive_=False, _convert_="all")  # the decoder's node stays data: the module builds it
 
 
@@ -198,8 +201,12 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
                  "encoder (%s features)", cfg.model.name, model_family(cfg).feature)
 
     resumed = read_checkpoint(ckpt_path) if ckpt_path else None
-    # A resumed model keeps its own vocabulary: one rebuilt from captions edited since would renumber its words.
-    vocab = checked_hyper_parameters(resumed["hyper_parameters"], ckpt_path)["vocab"] if resumed else None
+    init_path = initial_weights(cfg.get("init_from"))
+    initial = read_checkpoint(init_path) if init_path else None
+    # A resumed (or fine-tuned) model keeps its own vocabulary: one rebuilt from captions edited since would
+    # renumber its words.
+    source, source_path = (resumed, ckpt_path) if resumed else (initial, init_path)
+    vocab = checked_hyper_parameters(source["hyper_parameters"], source_path)["vocab"] if source else None
     dm = build_datamodule(cfg, vocab=Vocabulary.from_dict(vocab) if vocab else None)
     dm.prepare_data()
     dm.setup("fit")
@@ -207,6 +214,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     # the batch order would depend on whether the cache existed
     L.seed_everything(cfg.seed, workers=True)
     model = build_model(cfg, dm)
+    if initial:  # stage=scst: start from the cross-entropy checkpoint's weights (its optimiser state is not reused)
+        check_state_matches(model, initial, init_path, action="fine-tune")
+        model.load_state_dict(initial["state_dict"])
     if resumed:
         check_state_matches(model, resumed, ckpt_path)  # another model's checkpoint: refused, not half-loaded
         check_training_state(resumed, ckpt_path)
@@ -231,6 +241,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     test = model.test_results
 
     best_score = checkpoint.best_model_score if checkpoint is not None else None
+    monitor = checkpoint.monitor if checkpoint is not None else None
     value = float(best_score) if best_score is not None else None
     sweep_value = value if value is not None and math.isfinite(value) else 0.0
     if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results of the whole split
@@ -241,10 +252,13 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
         "model": cfg.model.name, "run_name": cfg.run_name, "family": model.family,
         "encoder": dm.encoder_spec.name, "encoder_weights": str(dm.encoder_spec.weights),
         "decoder": choice(cfg, "decoder"), "attention": choice(cfg, "attention"),
+        "stage": "scst" if cfg.get("scst") else "xe", "init_from": init_path,
         "data": cfg.data.name,
         "test": test,
         "caption_prior_bleu_4": baseline,
-        "best_val_bleu_4": value,
+        "selected_by": monitor,
+        "best_val_bleu_4": value if monitor == "val/bleu_4" else None,
+        "best_val_cider": value if monitor == "val/cider" else None,
         "best_epoch": _epoch_of(best), "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2), "world_size": trainer.world_size,
         "params_trainable": model.num_trainable_parameters(),
@@ -263,6 +277,23 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f} (caption prior {baseline:.4f}), "
           f"CIDEr {test['cider']:.3f} -> {run_dir}")
     return sweep_value
+
+
+def initial_weights(init_from: str | None) -> str | None:
+    """The checkpoint `init_from` names (stage=scst starts from a cross-entropy run's weights): a .ckpt file, or a
+    run directory, whose checkpoints/best-*.ckpt is taken; checked to hold plain data, as a resumed one is."""
+    if not init_from:
+        return None
+    path = Path(str(init_from)).expanduser()
+    if path.is_dir():
+        best = sorted((path / "checkpoints").glob("best-*.ckpt")) if (path / "checkpoints").is_dir() else []
+        if len(best) != 1:
+            raise ConfigError(
+                f"init_from={init_from}: a run directory must hold exactly one checkpoints/best-*.ckpt, found "
+                f"{len(best)}; pass the checkpoint file itself")
+        path = best[0]
+    read_checkpoint(path)  # raises CheckpointError for a URL, a missing file or a pickled payload
+    return str(path)
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:

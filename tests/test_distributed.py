@@ -70,14 +70,14 @@ def test_gathered_outputs_drop_the_padded_repeats_and_sort(monkeypatch):
 def test_validation_bleu_is_the_reported_test_bleu():
     """Checkpoints are selected on the metric that is reported: validation BLEU-1..4 equal caption_metrics' BLEU
     (the test metric) on the same captions, tokenisation included."""
-    from captioner.scoring.metrics import caption_metrics, val_bleu_scores
+    from captioner.scoring.metrics import caption_metrics, validation_scores
 
     hyps = ["A red circle, left of a blue square.", "a green star", "a small blue triangle above a large circle",
             "there is a yellow square"]
     refs = [["A red circle to the left of a blue square.", "a blue square right of a red circle"],
             ["a green star (above an orange triangle)"], ["a small blue triangle above a large green circle"],
             ["a yellow square", "There's a yellow square left of a star!"]]
-    whole = val_bleu_scores(hyps, refs)
+    whole = validation_scores(hyps, refs)
     reported = caption_metrics(hyps, refs, meteor=False)
     for n in range(1, 5):
         assert whole[f"bleu_{n}"] == pytest.approx(reported[f"bleu_{n}"], abs=1e-12), n
@@ -161,7 +161,7 @@ def test_eval_with_one_and_two_processes_gives_identical_metrics(ddp_run):
 def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
     """The val BLEU-4 the DDP run logged (each rank decoded 5 of the 10 val images) equals the BLEU-4 of one process
     decoding all 10 with the same weights."""
-    from captioner.scoring.metrics import val_bleu_scores
+    from captioner.scoring.metrics import validation_scores
 
     root, run_dir, _ = ddp_run
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -170,7 +170,7 @@ def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
     assert r.returncode == 0, r.stderr[-4000:]
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 10
-    whole = val_bleu_scores([p["hypothesis"] for p in preds], [p["references"] for p in preds])
+    whole = validation_scores([p["hypothesis"] for p in preds], [p["references"] for p in preds])
     assert m["best_val_bleu_4"] == pytest.approx(whole["bleu_4"], abs=1e-6)
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from captioner.scoring.metrics import caption_metrics, val_bleu_scores
+from captioner.scoring.metrics import caption_metrics, validation_scores
 from captioner.scoring.ptb import ptb_tokenize
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the official PTBTokenizer and METEOR need Java")
@@ -106,7 +106,7 @@ def test_unk_is_one_token_at_validation_and_test():
     token that matches no reference word."""
     hyps, refs = ["a <unk> dog runs on the grass"], [["a brown dog runs on the grass", "a dog runs"]]
     assert ptb_tokenize(hyps, backend="python") == ["a <unk> dog runs on the grass"]
-    val = val_bleu_scores(hyps, refs)
+    val = validation_scores(hyps, refs)
     test = caption_metrics(hyps, refs, meteor=False)
     assert val["bleu_1"] == pytest.approx(test["bleu_1"], abs=1e-12) == pytest.approx(6 / 7, abs=1e-6)
 

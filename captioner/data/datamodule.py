@@ -1,6 +1,8 @@
 """LightningDataModule over cached encoder features and tokenized captions.
 
-- train: one sample per (image, caption) pair, the image's features read from the memory-mapped cache;
+- train: one sample per (image, caption) pair, the image's features read from the memory-mapped cache (or, with
+  `train_batches="images"`, each image once with all its references: self-critical training samples its own
+  captions and rewards them against the references);
 - val/test: each image once, with ALL its references grouped (turning 5 references into 5 single-reference
   rows would turn multi-reference BLEU into single-reference BLEU, a classic evaluation bug).
 Captions are tokenized once in `setup`, into one padded int array; batches are fetched with `__getitems__`
@@ -248,6 +250,7 @@ class CaptionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         seed: int = 0,
         test_split: str = "test",
+        train_batches: str = "captions",
     ) -> None:
         super().__init__()
         if feature not in ("pooled", "spatial"):
@@ -262,6 +265,9 @@ class CaptionDataModule(L.LightningDataModule):
         if test_split not in ("val", "test"):
             raise ValueError(f"test_split must be 'val' or 'test' (config key split), got '{test_split}'")
         self.test_split = test_split  # what `trainer.test` evaluates (eval.py can point it at val)
+        if train_batches not in ("captions", "images"):
+            raise ValueError(f"train_batches must be 'captions' or 'images', got '{train_batches}'")
+        self.train_batches = train_batches
         self.dataset: CaptionDataset | None = None
         self.caches: dict[str, FeatureCache] = {}
         self.splits: dict[str, Dataset] = {}
@@ -321,9 +327,9 @@ class CaptionDataModule(L.LightningDataModule):
         if self.vocab is None:
             self.vocab = build_vocabulary((c for r in self.records["train"] for c in r.captions), self.min_word_count)
         feats = {s: _FeatureRows(self.caches[s], self.feature) for s in splits}
-        if "train" in splits:
+        if "train" in splits and self.train_batches == "captions":
             self.splits["train"] = self._training_pairs(feats["train"])
-        for split in ("val", "test"):
+        for split in ("train", "val", "test") if self.train_batches == "images" else ("val", "test"):
             if split in splits:
                 self.splits[split] = CaptionImages(feats[split], self._rows(split), self.records[split], self.vocab,
                                                    self.max_length)
@@ -443,6 +449,8 @@ class CaptionDataModule(L.LightningDataModule):
                           multiprocessing_context=worker_context(self.num_workers))
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_batches == "images":  # batch_size images, shuffled; under DDP each rank its own images
+            return self._loader("train", self.batch_size, shuffle=True)
         if not (self.group_by_image or self.group_by_length):
             return self._loader("train", self.batch_size, shuffle=True)
         pairs = self.splits["train"]

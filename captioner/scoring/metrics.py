@@ -6,10 +6,12 @@
   reaches a score. `tokenizer=` picks the backend (`auto` | `java` | `python`), or None for text that is
   already PTB-tokenised.
 - Corpus-level scores against ALL references of each image (never one row per reference): pycocoevalcap's own
-  BLEU, ROUGE-L and CIDEr-D scorers, and METEOR when Java is present (otherwise None: skipped, never a crash).
+  BLEU and ROUGE-L scorers, CIDEr-D from `captioner.scoring.cider` (held equal to pycocoevalcap's by the tests; the
+  self-critical reward is the same code), and METEOR when Java is present (otherwise None: skipped, never a crash).
   Values are on pycocoevalcap's 0-1 scale (CIDEr can exceed 1); papers print them x100.
-- Validation BLEU-1..4 (`val_bleu_scores`, checkpoint selection) are the same corpus BLEU on the same
-  tokenisation, so the epoch is chosen on the metric that is reported. They are computed once per epoch from the
+- Validation BLEU-1..4 and CIDEr-D (`validation_scores`, checkpoint selection: BLEU-4 after cross-entropy training,
+  CIDEr-D after self-critical training) are the same corpus scores on the same tokenisation, so the epoch is chosen
+  on the metric that is reported. They are computed once per epoch from the
   outputs of the whole split (gathered from every rank and deduplicated under DDP, see
   `Captioner.gather_eval_outputs`), never from per-rank metric states: a DistributedSampler pads the last batch
   with repeated images, which synced states would count twice.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..data.records import CaptionDataset, CaptionRecord
 from .bootstrap import bleu_from_stats, bleu_stats, cook_references
+from .cider import cider_d
 from .ptb import evaluation_texts, tokenized_references
 
 if TYPE_CHECKING:
@@ -67,14 +70,13 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     """BLEU-1..4, ROUGE-L, CIDEr (and METEOR) of a corpus; `per_image` adds per-image CIDEr/BLEU-4 lists
     (used by the bootstrap confidence intervals)."""
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, res = evaluation_texts(hypotheses, references, tokenizer)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its internals
         bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
-        cider, cider_per = Cider().compute_score(gts, res)
+    cider, cider_per = cider_d([res[i][0] for i in res], [gts[i] for i in gts])
     out = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
     out.update(rouge_l=float(rouge), cider=float(cider), meteor=meteor_score(gts, res) if meteor else None)
     if per_image:
@@ -82,13 +84,14 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     return out
 
 
-def val_bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-                    tokenizer: str | None = "auto") -> dict[str, float]:
-    """Validation BLEU-1..4 of a whole split: `caption_metrics`' corpus BLEU on the same tokenisation, from
-    sufficient statistics (no ROUGE/CIDEr/METEOR work each epoch)."""
+def validation_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                      tokenizer: str | None = "auto") -> dict[str, float]:
+    """Validation BLEU-1..4 and CIDEr-D of a whole split: `caption_metrics`' corpus scores on the same
+    tokenisation, BLEU from sufficient statistics (no ROUGE/METEOR work each epoch)."""
     gts, res = evaluation_texts(hypotheses, references, tokenizer)
-    bleu = bleu_from_stats(bleu_stats([res[i][0] for i in res], [gts[i] for i in gts], tokenizer=None).sum(0))
-    return {f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
+    hyps, refs = [res[i][0] for i in res], [gts[i] for i in gts]
+    bleu = bleu_from_stats(bleu_stats(hyps, refs, tokenizer=None).sum(0))
+    return {**{f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}, "cider": cider_d(hyps, refs)[0]}
 
 
 def caption_prior_baseline(dm: CaptionDataModule, predictions: list[dict], candidates: int = 100,
