@@ -76,6 +76,15 @@ study: $(VENV)/.installed ## every variant x SEEDS (3) offline + the multi-seed 
 	echo "sweep wall time: $$(( $$(date +%s) - start )) s" | tee $$d/sweep_seconds.txt && \
 	$(PY) experiments/compare.py $$d
 
+# The study whose cross-entropy runs `make scst-study` fine-tunes (default: the newest `make study`).
+STUDY ?= $(shell ls -td multirun/study-* 2>/dev/null | head -n 1)
+SCST_EPOCHS ?= 2
+
+scst-study: $(VENV)/.installed ## SCST on dino_lstm_init + dino_attention from STUDY's runs, paired vs cross-entropy -> <study>/scst/
+	@if [ -z "$(STUDY)" ]; then echo "error: no multirun/study-* found: run 'make study' first, or name one:" \
+		"make scst-study STUDY=path/to/study" >&2; exit 1; fi
+	$(PY) experiments/scst_study.py "$(STUDY)" --epochs $(SCST_EPOCHS)
+
 bench: $(VENV)/.installed ## the benchmark: every speed/memory figure beside its goal -> benchmark.json
 	$(PY) experiments/benchmark.py
 
@@ -91,4 +100,4 @@ report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-fast test-all inspect prepare train sweep demo search study report bench clean
+.PHONY: help install test test-fast test-all inspect prepare train sweep demo search study scst-study report bench clean

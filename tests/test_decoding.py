@@ -12,7 +12,7 @@ from torch import nn
 
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoders import LSTMDecoder, LSTMInitDecoder, RNNDecoder, ShowAttendTellDecoder, TransformerDecoder
-from captioner.decoding import beam_search, greedy_decode
+from captioner.decoding import beam_search, greedy_decode, sample_captions, to_word_lists
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 SPECIAL = {PAD, SOS, EOS}
@@ -251,3 +251,93 @@ def test_one_decode_config_drives_greedy_and_beam_search(beam_size):
     assert model.generate(feats, suppress_unk=False) == ["<unk>", "<unk>"]
     assert model.generate(feats, min_len=0) == ["", ""]
     assert model.generate(feats, min_len=3) == ["a b c", "a b c"]
+
+
+# -- block_trigrams and sampling ----------------------------------------------------------------------------------
+# A decoder that loops A -> B -> C -> A ... and never ends: "A B C A B C ..." repeats its first trigram.
+LOOP = {SOS: {A: 0.9}, A: {B: 0.9}, B: {C: 0.9}, C: {A: 0.8, D: 0.1}, D: {A: 0.5, E: 0.4}}
+
+
+def repeated_trigrams(words: list[int]) -> list[tuple]:
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return sorted({g for g in grams if grams.count(g) > 1})
+
+
+def path_score(dec: TableDecoder, words: list[int]) -> float:
+    """log P(words) under the table, without an ending."""
+    seq = [SOS, *words]
+    return sum(dec.logp[a, b].item() for a, b in zip(seq, seq[1:]))
+
+
+def brute_force_best_without_repeats(dec: TableDecoder, length: int, vocab: list[int]) -> list[int]:
+    """The most probable caption of `length` words with no repeated trigram, by enumeration."""
+    import itertools
+
+    candidates = (list(w) for w in itertools.product(vocab, repeat=length) if not repeated_trigrams(list(w)))
+    return max(candidates, key=lambda w: path_score(dec, w))
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
+def test_block_trigrams_never_repeats_a_trigram(search):
+    dec, feats = TableDecoder(LOOP, never_eos=True), torch.zeros(4, 4)
+    run = {"greedy": lambda **kw: greedy_decode(dec, feats, max_len=12, **kw),
+           "beam": lambda **kw: beam_search(dec, feats, beam_size=3, max_len=12, **kw),
+           "sample": lambda **kw: to_word_lists(sample_captions(
+               dec, feats, 8, max_len=12, generator=torch.Generator().manual_seed(0), **kw))}[search]
+    free, blocked = run(), run(block_trigrams=True)
+    assert any(repeated_trigrams(w) for w in free)  # the loop does repeat without the block (the test can fail)
+    assert all(not repeated_trigrams(w) for w in blocked) and no_specials(blocked)
+    assert all(len(w) >= 3 for w in blocked)
+
+
+def test_beam_search_with_block_trigrams_finds_the_best_caption_without_repeats():
+    """Banning a word at a step leaves every other continuation's score the model's own: beam search with a wide
+    beam finds the caption a brute-force search over all non-repeating captions finds (never-ending captions of
+    max_len words, where the most probable one repeats a trigram)."""
+    table = {SOS: {A: 0.6, B: 0.3}, A: {B: 0.6, C: 0.2}, B: {A: 0.7, C: 0.2}, C: {A: 0.5, B: 0.4}}
+    dec, feats = TableDecoder(table, vocab_size=7, never_eos=True), torch.zeros(1, 4)
+    best = brute_force_best_without_repeats(dec, 6, [A, B, C])
+    found = beam_search(dec, feats, beam_size=27, max_len=6, block_trigrams=True)[0]
+    assert repeated_trigrams(found) == [] and path_score(dec, found) == pytest.approx(path_score(dec, best), abs=1e-6)
+    assert repeated_trigrams(beam_search(dec, feats, beam_size=27, max_len=6)[0])  # unblocked: A B A B A B
+
+
+def test_sampling_follows_the_model_distribution():
+    """First-word frequencies over many samples match softmax(logits / temperature); top_k keeps the k most
+    probable words only."""
+    table = {SOS: {A: 0.6, B: 0.3, C: 0.1}, A: {EOS: 1.0}, B: {EOS: 1.0}, C: {EOS: 1.0}}
+    dec, feats = TableDecoder(table), torch.zeros(1, 4)
+    p = torch.softmax(dec.logp[SOS], dim=0)
+    for temperature, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
+        seqs = sample_captions(dec, feats, 6000, temperature, top_k, max_len=3,
+                               generator=torch.Generator().manual_seed(1))
+        freq = torch.bincount(seqs[:, 0], minlength=10).float() / len(seqs)
+        expect = p ** (1 / temperature)
+        if top_k:
+            expect[expect < expect.topk(top_k).values[-1]] = 0
+        expect[[SOS, PAD]] = 0  # never generated
+        expect /= expect.sum()
+        assert torch.allclose(freq[[A, B, C]], expect[[A, B, C]], atol=0.02), (temperature, top_k, freq, expect)
+        assert (seqs[:, 1] == EOS).float().mean() > 0.99  # then <eos> (all but the 1e-4 leftovers of the table)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_samples_are_laid_out_per_image(name):
+    """Rows b*n .. b*n+n-1 are image b's samples (per-image states kept at one row per image); with a temperature
+    near 0 every sample is the image's greedy caption."""
+    dec, feats = trained_decoder(name)
+    n = 3
+    seqs = sample_captions(dec, feats, n, temperature=0.01, max_len=12, min_len=1)
+    assert to_word_lists(seqs) == [c for c in greedy_decode(dec, feats, max_len=12, min_len=1) for _ in range(n)]
+    assert seqs.shape == (len(feats) * n, seqs.shape[1])
+    assert len({tuple(c) for c in greedy_decode(dec, feats, max_len=12)}) > 1  # the images' captions differ
+
+
+def test_sampling_never_emits_suppressed_words():
+    table = {SOS: {Vocabulary.unk_id: 0.7, A: 0.2}, Vocabulary.unk_id: {EOS: 0.5, A: 0.4}, A: {EOS: 0.9}}
+    dec, feats = TableDecoder(table), torch.zeros(50, 4)
+    g = torch.Generator().manual_seed(0)
+    free = to_word_lists(sample_captions(dec, feats, 4, max_len=8, generator=g))
+    kept = to_word_lists(sample_captions(dec, feats, 4, max_len=8, generator=g, suppress=[Vocabulary.unk_id]))
+    assert any(Vocabulary.unk_id in w for w in free)
+    assert all(Vocabulary.unk_id not in w for w in kept)

@@ -210,3 +210,21 @@ def test_ranks_share_the_feature_extraction_and_the_cache_is_byte_identical(tmp_
             assert "rank 0 of 2 extracts" in r.stderr and "rank 1 of 2 extracts" in r.stderr, r.stderr[-3000:]
     assert len(digests["one"]) == 3  # train/val/test pooled features
     assert digests["torchrun"] == digests["one"]
+
+
+@pytest.mark.e2e
+def test_ddp_self_critical_training_gives_each_rank_its_own_images(ddp_run, tmp_path):
+    """stage=scst under DDP: each rank samples and rewards its own half of the training images (40 images, 16
+    per batch: 2 steps an epoch per rank instead of 3 in one process), and the run finishes like one process."""
+    import torch
+
+    root, xe_dir, _ = ddp_run
+    run_dir = tmp_path / "scst"
+    r = _run(["train.py", "trainer=ddp_cpu", *TINY, "stage=scst", f"init_from={xe_dir}",
+              f"hydra.run.dir={run_dir}"], root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["stage"] == "scst" and m["selected_by"] == "val/cider"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 11  # the whole test split, every image once

@@ -157,7 +157,8 @@ def _variant_parts(run: Run) -> tuple[str, ...]:
     else:
         name = re.sub(r"^\d+_", "", run.dir.name)
         items = [(re.split(r"[=-]", o, maxsplit=1)[0], o) for o in name.split(",") if o]
-    return tuple(sorted(o for key, o in items if key not in ("model", "seed")))
+    # init_from: stage=scst starts each seed from its own cross-entropy run, which makes it no other variant
+    return tuple(sorted(o for key, o in items if key not in ("model", "seed", "init_from")))
 
 
 def group_variants(runs: list[Run]) -> list[Variant]:
