@@ -100,6 +100,33 @@ def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention
             assert im.format == "PNG" and im.size[0] > 200
 
 
+def test_caption_command_samples_repeatably_and_blocks_trigrams(attention_run, tmp_path):
+    """--sample draws other captions for the same image (repeatable with --seed), --block-trigrams keeps every
+    caption free of repeated trigrams, and flags that cannot work together are refused before any work."""
+    root, run_dir = attention_run
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (224, 224), (120, 120, 120)).save(image)
+    ckpt = _best(run_dir)
+
+    def captions(*flags):
+        r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, *[str(image)] * 6, "--json", *flags], root)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(line)["caption"] for line in r.stdout.splitlines()]
+
+    first = captions("--sample", "--seed", "3", "--block-trigrams")
+    assert first == captions("--sample", "--seed", "3", "--block-trigrams")  # repeatable
+    assert len(set(first)) > 1  # six draws for one image: not one caption six times
+    assert len(set(captions())) == 1  # greedy: one caption
+    for caption in first:
+        words = caption.split()
+        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        assert len(grams) == len(set(grams)), caption
+    r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, str(image), "--temperature", "0.5"], root)
+    assert r.returncode == 2 and "only apply with --sample" in r.stderr
+    r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, str(image), "--sample", "--beam-size", "3"], root)
+    assert r.returncode == 2 and "--sample=true" in r.stderr and "--beam-size=3" in r.stderr
+
+
 def test_attention_maps_are_distributions_over_the_grid(attention_run):
     from captioner.caption import ImageCaptioner
 
