@@ -40,9 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import MAX_BEAM, caption_length_limit, check_features_match, is_integer, load_captioner
-from .config import resolve_device
-from .encoders import EncoderSpec, FrozenEncoder, relocate_weights
+from .checkpoint import MAX_BEAM
 from .errors import EXIT_USER_ERROR, UserError, user_message
 from .files import atomic_write_bytes
 from .images import ImageReadError, load_image
@@ -51,60 +49,30 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 class ImageCaptioner:
-    """A checkpoint's captioner with its own frozen encoder: PIL images in, captions out."""
+    """The command's captioner: `captioner.Captioner` with the decode flags applied to every caption."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "auto", beam_size: int | None = None,
                  max_len: int | None = None, encoder_weights: str | Path | None = None,
                  decode: dict | None = None) -> None:
-        """`encoder_weights`: where the checkpoint's encoder weights file is on this machine, when not where
-        training read it (its SHA-256 must match the recorded one). `decode`: other decode settings
-        (`block_trigrams`, `sample`, `temperature`, `top_k`)."""
+        """`ckpt_path`: a checkpoint or a model directory (captioner-export). `encoder_weights`: where the
+        checkpoint's encoder weights file is on this machine, when not where training read it (its SHA-256 must
+        match the recorded one). `decode`: other decode settings (`block_trigrams`, `sample`, `temperature`,
+        `top_k`)."""
+        from .api import Captioner
+
         problem = device_problem(device)
         if problem:
             raise UserError(f"--device {problem}")
-        self.device = torch.device(resolve_device(device))
-        self.model = load_captioner(ckpt_path, self.device)
-        decode = self._decode_overrides(beam_size, max_len, decode or {})  # before the encoder: a bad flag fails fast
-        self.spec = relocate_weights(EncoderSpec.from_checkpoint(self.model.hparams.encoder), encoder_weights,
-                                     "--encoder-weights /path/to/file", ckpt_path)
-        self.encoder = FrozenEncoder(self.spec).to(self.device)
-        self.transform = self.encoder.transform()
-        self.spatial = self.model.decoder.feature == "spatial"
-        check_features_match(self.model, self.encoder.dim, self.encoder.grid, f"its encoder {self.spec.name}",
-                             ckpt_path)
-        self.model.decode_cfg.update(decode)
-
-    def _decode_overrides(self, beam_size: int | None, max_len: int | None, other: dict) -> dict:
-        """The decode settings asked for, within what this checkpoint's decoder can do (the transformer has
-        learned positions for a fixed number of words)."""
-        from .schema import Decode, check_section
-
-        limit = caption_length_limit(self.model.hparams.decoder)
-        for flag, value, high in (("--beam-size", beam_size, MAX_BEAM), ("--max-len", max_len, limit)):
-            if value is not None and not (is_integer(value) and 1 <= value <= high):
-                raise UserError(f"{flag} {value}: allowed is an integer in [1, {high}] for this checkpoint")
-        asked = {**{k: v for k, v in (("beam_size", beam_size), ("max_len", max_len)) if v is not None}, **other}
-        if asked.get("sample") and beam_size is None:
-            asked["beam_size"] = 1  # sampling replaces the checkpoint's default search
-        problems = check_section({**self.model.decode_cfg, **asked}, Decode, "--", closed=False)
-        if problems:  # in the flags' spelling: --top-k=-1 cannot work: ...
-            raise UserError("; ".join(p.replace("_", "-") for p in problems))
-        return asked
-
-    @torch.inference_mode()
-    def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        batch = torch.stack([self.transform(im) for im in images]).to(self.device)
-        pooled, spatial = self.encoder(batch)
-        # Training read features from the fp16 cache: round the same way, so inference sees what training saw.
-        return (spatial if self.spatial else pooled).half().float()
+        self.captioner = Captioner.from_pretrained(ckpt_path, device=device, encoder_weights=encoder_weights,
+                                                   weights_option="--encoder-weights /path/to/file")
+        self.settings = self.captioner.decode_settings(flags=True, beam_size=beam_size, max_len=max_len,
+                                                       **(decode or {}))
+        self.model, self.encoder, self.device = self.captioner.model, self.captioner.encoder, self.captioner.device
+        self.spec, self.transform, self.spatial = self.encoder.spec, self.captioner.transform, self.captioner.spatial
 
     def caption(self, images: Sequence[Image.Image], attention: bool = False) -> list[dict]:
         """[{"caption": str, "words": [...], "attention": (n_words, h, w) array or None}] per image."""
-        feats = self.features(images)
-        captions = self.model.generate(feats)
-        words = [c.split() for c in captions]
-        maps = self.model.attention_maps(feats, words) if attention and self.spatial else [None] * len(images)
-        return [{"caption": c, "words": w, "attention": m} for c, w, m in zip(captions, words, maps)]
+        return self.captioner.caption_images(images, attention, self.settings)
 
 
 def device_problem(name: str) -> str | None:

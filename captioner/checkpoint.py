@@ -104,8 +104,14 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu"):
     model built on the meta device (no memory): a damaged or hostile checkpoint is one `CheckpointError` naming
     the path and the problem, never a traceback or an absurd allocation."""
     ckpt = read_checkpoint(path)
-    hp = checked_hyper_parameters(ckpt["hyper_parameters"], path)
-    state = checked_state_dict(ckpt["state_dict"], path)
+    return build_captioner(ckpt["hyper_parameters"], ckpt["state_dict"], path, device)
+
+
+def build_captioner(hyper_parameters, state_dict, path, device: str | torch.device = "cpu"):
+    """A captioner from its hyper-parameters and state dict as read from `path` (a checkpoint, or an exported
+    model directory: captioner.export), both checked as untrusted data first (see `load_captioner`)."""
+    hp = checked_hyper_parameters(hyper_parameters, path)
+    state = checked_state_dict(state_dict, path)
     problems = size_problems(hp, state)
     if problems:
         raise damaged(path, problems)
