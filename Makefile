@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev,cluster]'
+	$(PIP) install -q -e '.[dev,cluster,demo]'
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install the suite with dev + cluster (submitit launcher) extras
+install: $(VENV)/.installed ## create .venv and install the suite with dev + cluster (submitit launcher) + demo (Gradio) extras
 
 test: $(VENV)/.installed ## run the test suite (offline, CPU; slow tests excluded)
 	$(PY) -m pytest -q

@@ -28,7 +28,7 @@ from huggingface_hub import ModelHubMixin
 from PIL import Image
 
 from .errors import UserError
-from .images import ImageReadError, load_image, to_rgb
+from .images import MAX_PIXELS, ImageReadError, load_image, to_rgb
 
 # Decode settings `caption(...)` takes by keyword, beside beam_size and max_len (see conf/train.yaml `decode:`).
 DECODE_OPTIONS = ("min_len", "length_penalty", "suppress_unk", "block_trigrams", "sample", "temperature", "top_k")
@@ -191,8 +191,9 @@ def _array_to_pil(a: np.ndarray, where: str) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
         raise ImageReadError(f"{where}: an array of shape {a.shape} is not an image; allowed are (H, W), (H, W, 3) "
                              "and (H, W, 4)")
-    if a.shape[0] * a.shape[1] > 20_000 * 20_000:
-        raise ImageReadError(f"{where}: {a.shape[1]}x{a.shape[0]} pixels is over the limit; downscale it")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise ImageReadError(f"{where}: {a.shape[1]}x{a.shape[0]} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                             "(captioner.images.MAX_PIXELS); downscale it")
     if a.dtype != np.uint8:
         if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
             raise ImageReadError(f"{where}: an array of {a.dtype} is not an image; use uint8 or floats in [0, 1]")

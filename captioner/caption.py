@@ -17,7 +17,7 @@ line that holds no image, is reported on stderr and skipped; the others are stil
 every image was captioned, 1 when some were skipped, 2 when none could be or the input is bad (a flag's value, the
 checkpoint: one line `error: ...` on stderr).
 
-The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform (`resize` mode
+`--ckpt` takes a checkpoint or a model directory written by captioner-export. The checkpoint brings everything: its vocabulary, and the encoder, weights source and transform (`resize` mode
 included) it was trained on; the encoder runs on the fly (no feature cache). A checkpoint trained with a local
 weights file records the file's path and SHA-256: where the file lives elsewhere, `--encoder-weights FILE` gives
 its location, and a file with other contents is refused. For an attention variant, `--attention-maps DIR` writes
@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captioner-caption", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files and/or directories (walked)")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint from a run's checkpoints/ folder")
+    parser.add_argument("--ckpt", required=True,
+                        help="a checkpoint from a run's checkpoints/ folder, or a model directory (captioner-export)")
     parser.add_argument("--beam-size", type=integer_in(1, MAX_BEAM), default=None,
                         help="beam width (default: the checkpoint's, 1=greedy)")
     parser.add_argument("--max-len", type=integer_in(1), default=None,

@@ -16,7 +16,8 @@ What can go wrong with a user's file, and what happens (tests/test_reliability.p
   - huge images (a 10000x10000 scan is legitimate): used, but shrunk while decoding so one image never costs
     more than its decoded size once: JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, other formats
     are box-reduced by an integer factor right after decoding, before any colour conversion copies them;
-  - more than MAX_PIXELS pixels: refused before decoding (a decompression bomb must not take the machine's memory).
+  - more than MAX_PIXELS (200 M) pixels: refused before decoding (a decompression bomb must not take the machine's
+    memory);
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from PIL import Image, ImageOps
 from .errors import UserError
 
 # A 10000x10000 photo is legitimate (100 MP); PIL's default bomb limit (89 MP, error only at twice that) would
-# refuse it. We enforce our own limit exactly (PIL's limit is only raised so that it never fires first).
-MAX_PIXELS = 20_000 * 20_000
+# refuse it. We enforce our own limit exactly (PIL's limit is only raised so that it never fires first). Twice
+# that photo is the most: a 20000x20000 PNG (400 MP, 1.2 GB decoded, formats other than JPEG cannot be decoded at a
+# reduced size) would hold a web demo's memory and time.
+MAX_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Images whose longer side exceeds this are shrunk by an integer factor while decoding. The encoders look at 224
 # (at most 518) pixels, so nothing they could see is lost, while memory per image stays below ~64 MB (RGBA).

@@ -131,6 +131,17 @@ def tiny_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_attention_run(tiny_root, tmp_path_factory):
+    """A tiny trained dino_attention run (2 epochs on the tiny world's 40 images), trained once per session for
+    the tests that use a trained model (inference, the web demo): (root, run dir). Tests must not modify it."""
+    run_dir = tmp_path_factory.mktemp("attention_run") / "run"
+    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"hydra.run.dir={run_dir}"],
+                tiny_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tiny_root, run_dir
+
+
 def run_script(script: str, args, monkeypatch, capfd, env=None) -> tuple[int, str]:
     """`python <script> args...` run in this process as `__main__` (so through Hydra and the command's own error
     reporting, as from a shell, without 5 s of imports per interpreter): (exit status, stderr)."""

@@ -14,13 +14,8 @@ TINY = ["debug=tiny"]
 
 
 @pytest.fixture(scope="module")
-def attention_run(tiny_root, tmp_path_factory):
-    """A tiny trained dino_attention run (2 epochs on 40 shapes images): its root and run dir."""
-    root = tiny_root
-    run_dir = tmp_path_factory.mktemp("inference") / "run"
-    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", *TINY, f"hydra.run.dir={run_dir}"], root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root, run_dir
+def attention_run(tiny_attention_run):
+    return tiny_attention_run
 
 
 def _best(run_dir):
