@@ -156,8 +156,8 @@ def _download(repo_id: str, local: Path, hub_kwargs: dict) -> Path:
     looks_local = local.is_absolute() or str(repo_id).startswith((".", "~")) or str(repo_id).count("/") > 1 \
         or local.suffix == ".ckpt"
     if looks_local or local.exists():
-        raise UserError(f"{repo_id}: no such checkpoint file or model directory (a directory written by "
-                        "captioner-export holds config.json)")
+        raise UserError(f"{repo_id}: checkpoint not found, and no model directory there (captioner-export writes "
+                        "one, holding config.json)")
     try:
         from huggingface_hub import snapshot_download
 

@@ -132,12 +132,18 @@ def tiny_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_attention_run(tiny_root, tmp_path_factory):
+def tiny_attention_run(tiny_root, tmp_path_factory, lite0):
     """A tiny trained dino_attention run (2 epochs on the tiny world's 40 images), trained once per session for
-    the tests that use a trained model (inference, the web demo): (root, run dir). Tests must not modify it."""
+    the tests that use a trained model (inference, export, the web demo): (root, run dir). Its encoder weights
+    are a local file, <run dir>/../lite0_copy.safetensors (the packaged Lite0's), as a user's own weights would be:
+    the export test takes it away for a while. Tests must not modify the run."""
+    from safetensors.torch import save_file
+
     run_dir = tmp_path_factory.mktemp("attention_run") / "run"
-    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"hydra.run.dir={run_dir}"],
-                tiny_root)
+    weights = run_dir.parent / "lite0_copy.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0.trunk.state_dict().items()}, str(weights))
+    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"encoder.weights={weights}",
+                 f"hydra.run.dir={run_dir}"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     return tiny_root, run_dir
 

@@ -16,23 +16,15 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_root, tmp_path_factory, lite0):
-    """A tiny dino_attention run whose encoder weights come from a local file (a copy of the packaged Lite0), and
-    that run exported: (root, run dir, checkpoint, weights file, model dir)."""
-    from safetensors.torch import save_file
-
-    tmp = tmp_path_factory.mktemp("export")
-    weights = tmp / "lite0_copy.safetensors"
-    save_file({k: v.contiguous() for k, v in lite0.trunk.state_dict().items()}, str(weights))
-    run_dir = tmp / "run"
-    r = run_cli(["train.py", "debug=tiny", "model=dino_attention", "trainer.max_epochs=2",
-                 f"encoder.weights={weights}", f"hydra.run.dir={run_dir}"], tiny_root)
-    assert r.returncode == 0, r.stderr[-3000:]
+def trained(tiny_attention_run, tmp_path_factory):
+    """The session's tiny dino_attention run (its encoder weights from a local file) exported: (root, run dir,
+    checkpoint, weights file, model dir)."""
+    root, run_dir = tiny_attention_run
     ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
-    model_dir = tmp / "exported"
-    r = run_cli(["-m", "captioner.export", ckpt, model_dir], tiny_root)
+    model_dir = tmp_path_factory.mktemp("export") / "exported"
+    r = run_cli(["-m", "captioner.export", ckpt, model_dir], root)
     assert r.returncode == 0, r.stderr[-3000:]
-    return tiny_root, run_dir, ckpt, weights, model_dir
+    return root, run_dir, ckpt, run_dir.parent / "lite0_copy.safetensors", model_dir
 
 
 def test_export_writes_a_self_contained_directory(trained):
@@ -165,7 +157,7 @@ def test_a_damaged_model_directory_is_refused_naming_the_file(trained, tmp_path)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="model.safetensors"):
         Captioner.from_pretrained(broken, device="cpu")
-    with pytest.raises(UserError, match="no such checkpoint file or model directory"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         Captioner.from_pretrained(tmp_path / "nowhere", device="cpu")
 
 
