@@ -127,9 +127,9 @@ class Captioner(ModelHubMixin, library_name="captioner", tags=["image-captioning
         problems = check_section(settings, Decode, prefix, closed=False)
         limit = caption_length_limit(self.model.hparams.decoder)
         for key, high in (("beam_size", MAX_BEAM), ("max_len", limit)):
-            if not problems and settings[key] > high:
-                problems.append(f"{prefix}{key}={settings[key]} cannot work: allowed is an integer in [1, {high}] "
-                                "for this model")
+            if not problems and settings[key] > high:  # the flag as typed: --max-len 100
+                shown = f"--{key} {settings[key]}" if flags else f"{key}={settings[key]}"
+                problems.append(f"{shown}: allowed is an integer in [1, {high}] for this model")
         if problems:
             raise UserError("; ".join(p.replace("_", "-") if flags else p for p in problems))
         return settings
