@@ -330,10 +330,15 @@ def _mode_CMYK(tmp):
 
 def _mode_YCbCr(tmp):
     ycc = _u8(3).astype(np.float64)
-    Image.fromarray(ycc.astype(np.uint8), "YCbCr").save(tmp / "x.tif")
+    image = Image.fromarray(ycc.astype(np.uint8), "YCbCr")
+    image.save(tmp / "x.tif")
     y, cb, cr = ycc[..., 0], ycc[..., 1] - 128, ycc[..., 2] - 128  # JFIF (full-range BT.601)
-    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)
-    return tmp / "x.tif", np.clip(rgb, 0, 255)
+    rgb = np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0, 255)
+    try:  # Pillow < 13 (what Gradio, the [demo] extra, allows) cannot read its own YCbCr TIFFs back
+        Image.open(tmp / "x.tif").load()
+    except OSError:
+        return image, rgb  # then the conversion, ours, is tested on the image in memory
+    return tmp / "x.tif", rgb
 
 
 # CIE L*a*b* (D65) of sRGB colours, from the published conversion tables: an expectation no code here computes.
