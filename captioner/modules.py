@@ -392,20 +392,11 @@ class AttentionCaptioner(Captioner):
         samples = [{"image": records[s["index"]].key, "image_path": str(records[s["index"]].image),
                     "words": s["words"], "maps": s["maps"]} for s in self.attention_samples]
         atomic_write_text(Path(run_dir) / "attention_maps.json", json.dumps(samples))
-        from lightning.pytorch.loggers import WandbLogger
+        from .wandb_logging import attention_images, wandb_loggers
 
-        for logger in loggers:
-            if isinstance(logger, WandbLogger) and samples:
-                try:
-                    import numpy as np
-                    import wandb
-
-                    from .caption import attention_figure
-                    from .images import load_image
-
-                    figures = [wandb.Image(attention_figure(load_image(s["image_path"]), s["words"],
-                                                            np.asarray(s["maps"])), caption=" ".join(s["words"]))
-                               for s in samples]
-                    logger.experiment.log({"test/attention_maps": figures})
-                except Exception as e:  # a logging hiccup must not fail a finished run
-                    log.warning("could not log the attention maps to W&B: %s", e)
+        for logger in wandb_loggers(loggers) if samples else []:
+            try:
+                figures = attention_images([(s["image_path"], s["words"], s["maps"]) for s in samples])
+                logger.experiment.log({"test/attention_maps": figures})
+            except Exception as e:  # a logging hiccup must not fail a finished run
+                log.warning("could not log the attention maps to W&B: %s", e)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import wandb_logging
 from .checkpoint import CheckpointError, check_state_matches, checked_hyper_parameters, read_checkpoint
 from .config import resolve_precision
 from .data import is_shapes
@@ -39,6 +40,8 @@ def check_config(cfg: DictConfig) -> None:
     schema.check_config(cfg, task=cfg.get("task", "train"))
     check_encoder_not_swapped(cfg)
     check_parts_fit(cfg)
+    if OmegaConf.select(cfg, "logger.wandb", default=None) is not None:
+        wandb_logging.run_mode(OmegaConf.select(cfg, "logger.wandb.mode", default=None))  # a WANDB_MODE typo
 
 
 def check_parts_fit(cfg: DictConfig) -> None:
@@ -169,7 +172,10 @@ def run_directory(cfg: DictConfig) -> Path:
 
 
 def _instantiate_all(node) -> list:
-    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    """The parts of a group of `_target_` nodes (loggers, callbacks); a factory may build nothing (None: W&B with
+    WANDB_MODE=disabled)."""
+    built = [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    return [part for part in built if part is not None]
 
 
 def train(cfg: DictConfig) -> float:
@@ -245,7 +251,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     value = float(best_score) if best_score is not None else None
     sweep_value = value if value is not None and math.isfinite(value) else 0.0
     if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results of the whole split
-        _finish_wandb(loggers)
+        wandb_logging.finish(loggers)
         return sweep_value
     baseline = caption_prior_baseline(dm, model.test_predictions, tokenizer=cfg.metrics.tokenizer)
     metrics = {
@@ -270,8 +276,9 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
     model.write_test_outputs(run_dir, dm.records[dm.test_split], loggers)
     for lg in loggers:
         lg.log_metrics({f"test/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
-        _log_samples(lg, dm, model.test_predictions)
-    _finish_wandb(loggers)
+    wandb_logging.log_test_samples(loggers, dm.records[dm.test_split], model.test_predictions)
+    wandb_logging.write_summary(loggers, metrics)
+    wandb_logging.finish(loggers)
     log.info("done: %s | test BLEU-4 %.3f | CIDEr %.3f | run dir %s", cfg.run_name, test["bleu_4"], test["cider"],
              run_dir)
     print(f"[captioner] {cfg.run_name}: test BLEU-4 {test['bleu_4']:.4f} (caption prior {baseline:.4f}), "
@@ -345,31 +352,3 @@ def write_predictions(path: Path, dm: CaptionDataModule, predictions: list[dict]
     lines = (json.dumps({"image": records[p["index"]].key, "image_path": str(records[p["index"]].image),
                          "hypothesis": p["hypothesis"], "references": p["references"]}) + "\n" for p in predictions)
     atomic_write_text(path, "".join(lines))
-
-
-def _finish_wandb(loggers) -> None:
-    """Close this run's W&B run: in a multirun all jobs share one process, and without this every later job
-    would log into the first job's W&B run."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if any(isinstance(lg, WandbLogger) for lg in loggers):
-        import wandb
-
-        wandb.finish()
-
-
-def _log_samples(logger, dm: CaptionDataModule, predictions: list[dict], n: int = 16) -> None:
-    """A W&B table of test images with their references and the generated caption."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if not isinstance(logger, WandbLogger) or not predictions:
-        return
-    try:
-        import wandb
-
-        records = dm.records["test"]
-        rows = [[wandb.Image(str(records[p["index"]].image)), " | ".join(p["references"]), p["hypothesis"]]
-                for p in predictions[:n]]
-        logger.log_table(key="test/samples", columns=["image", "references", "generated"], data=rows)
-    except Exception as e:  # a logging hiccup must not fail a finished run
-        log.warning("could not log the sample table to W&B: %s", e)
