@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import MAX_BEAM
-from .errors import EXIT_USER_ERROR, UserError, user_message
+from .errors import UserError, reported_exit_status
 from .files import atomic_write_bytes
 from .images import ImageReadError, load_image
 
@@ -228,11 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
     except Exception as e:  # a user error is one line and exit status 2; a bug keeps its traceback
-        message = user_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return reported_exit_status(e)
 
 
 def caption_files(args: argparse.Namespace) -> int:

@@ -115,7 +115,7 @@ def command_main(run, argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(run.__doc__)
         return 0
-    from .errors import EXIT_USER_ERROR, user_message
+    from .errors import reported_exit_status
     from .schema import check_config
 
     try:
@@ -123,8 +123,4 @@ def command_main(run, argv: Sequence[str] | None = None) -> int:
         check_config(cfg)  # the same schema as train.py: a value that cannot work is refused before any work
         return run(cfg) or 0
     except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return reported_exit_status(e)

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_USER_ERROR, UserError, user_message
+from .errors import UserError, reported_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,7 @@ def main(argv=None) -> int:
         captioner = Captioner.from_pretrained(args.model, device=args.device)
         app = build_app(captioner, example_images(args.model, args.examples))
     except Exception as e:  # a user error is one line and exit status 2; a bug keeps its traceback
-        message = user_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return reported_exit_status(e)
     print(f"captioner-demo: serving {args.model} on http://{args.host}:{args.port}", flush=True)
     app.queue(default_concurrency_limit=1)  # one caption at a time: the model is not shared between threads
     app.launch(server_name=args.host, server_port=args.port, show_error=True, share=False)

@@ -62,11 +62,17 @@ def user_errors_reported():
     try:
         yield
     except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(reported_exit_status(e))
+
+
+def reported_exit_status(error: Exception) -> int:
+    """For a command's `except Exception as e: return reported_exit_status(e)`: a user error printed as one line
+    `error: ...` on stderr, and its exit status (2); a bug raised again with its full traceback."""
+    message = user_message(error)
+    if message is None:
+        raise error
+    print(message, file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def exit_on_user_error(command: Callable[[], object]) -> None:

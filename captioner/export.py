@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import EXIT_USER_ERROR, UserError, user_message
+from .errors import UserError, reported_exit_status
 
 FORMAT, FORMAT_VERSION = "captioner", 1
 CONFIG, VOCAB, WEIGHTS, ENCODER_WEIGHTS, CARD = ("config.json", "vocab.json", "model.safetensors",
@@ -188,11 +188,7 @@ def main(argv=None) -> int:
     try:
         out = export(args.ckpt, args.out_dir, args.encoder_weights, args.force)
     except Exception as e:  # a user error is one line and exit status 2; a bug keeps its traceback
-        message = user_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return reported_exit_status(e)
     print(f"exported {args.ckpt} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
