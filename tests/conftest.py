@@ -204,3 +204,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def hostile_files(folder):
+    """What users upload that is not a usable image, and one that is: (a text file named .jpg, a good JPEG, that
+    JPEG truncated, a 20000x20000 PNG, whose header alone must get it refused)."""
+    from PIL import Image
+
+    text = folder / "notes.jpg"
+    text.write_text("this is not an image")
+    good = folder / "good.jpg"
+    Image.new("RGB", (320, 240), (40, 90, 200)).save(good, quality=95)
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:300])
+    huge = folder / "huge.png"
+    write_huge_png(huge, 20_000, 20_000)
+    return text, good, truncated, huge
+
+
+def write_huge_png(path, width, height):
+    """A valid PNG header of width x height (no pixel data needed: the size alone must be refused)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))

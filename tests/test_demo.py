@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, hostile_files
 
 pytestmark = pytest.mark.e2e
 
@@ -130,16 +129,7 @@ def test_upload_an_image_and_read_its_caption(server, browser, tmp_path):
 
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(server, browser, tmp_path):
     url, proc, run_dir, _ = server
-    text = tmp_path / "notes.jpg"
-    text.write_text("this is not an image")
-    good = tmp_path / "good.jpg"
-    Image.new("RGB", (320, 240), (40, 90, 200)).save(good, quality=95)
-    truncated = tmp_path / "cut.jpg"
-    truncated.write_bytes(good.read_bytes()[:300])
-    huge = tmp_path / "huge.png"
-    from test_export import write_huge_png
-
-    write_huge_png(huge, 20_000, 20_000)
+    text, good, truncated, huge = hostile_files(tmp_path)
     for bad, words in ((text, "not a readable image"), (truncated, "not a readable image"),
                        (huge, "pixel limit")):
         shown = _caption_in_browser(browser, url, bad)

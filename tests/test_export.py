@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import run_cli
+from conftest import hostile_files, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -108,14 +107,7 @@ def test_hostile_inputs_give_a_clear_error_per_image(trained, tmp_path):
 
     _, _, _, _, model_dir = trained
     model = Captioner.from_pretrained(model_dir, device="cpu")
-    text = tmp_path / "notes.jpg"
-    text.write_text("not an image at all")
-    good = tmp_path / "good.jpg"
-    Image.new("RGB", (300, 200), (10, 200, 30)).save(good, quality=95)
-    truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(good.read_bytes()[:400])
-    huge = tmp_path / "huge.png"
-    write_huge_png(huge, 20_000, 20_000)
+    text, good, truncated, huge = hostile_files(tmp_path)
     for bad, words in ((text, "notes.jpg"), (truncated, "truncated.jpg"), (huge, "pixel limit")):
         with pytest.raises(ImageReadError, match=words):
             model.caption(bad)
@@ -128,19 +120,6 @@ def test_hostile_inputs_give_a_clear_error_per_image(trained, tmp_path):
     assert isinstance(out[1], str) and isinstance(out[3], str)
     with pytest.raises(Exception, match="temperature"):
         model.caption(good, sample=True, temperature=0)
-
-
-def write_huge_png(path, width, height):
-    """A valid PNG header of width x height (no pixel data needed: the size alone must be refused)."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))
 
 
 def test_a_damaged_model_directory_is_refused_naming_the_file(trained, tmp_path):
