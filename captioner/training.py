@@ -288,7 +288,7 @@ def fit_and_test(cfg: DictConfig, run_dir: Path) -> float:
 
 def initial_weights(init_from: str | None) -> str | None:
     """The checkpoint `init_from` names (stage=scst starts from a cross-entropy run's weights): a .ckpt file, or a
-    run directory, whose checkpoints/best-*.ckpt is taken; checked to hold plain data, as a resumed one is."""
+    run directory, whose checkpoints/best-*.ckpt is taken."""
     if not init_from:
         return None
     path = Path(str(init_from)).expanduser()
@@ -299,8 +299,7 @@ def initial_weights(init_from: str | None) -> str | None:
                 f"init_from={init_from}: a run directory must hold exactly one checkpoints/best-*.ckpt, found "
                 f"{len(best)}; pass the checkpoint file itself")
         path = best[0]
-    read_checkpoint(path)  # raises CheckpointError for a URL, a missing file or a pickled payload
-    return str(path)
+    return str(path)  # read (and checked to hold plain data) once, by fit_and_test
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
