@@ -55,16 +55,21 @@ class _Letterbox:
     def __init__(self, size: int, scale: int, interpolation: str, fill: tuple[int, ...]) -> None:
         self.size, self.scale, self.interpolation, self.fill = size, scale, interpolation, fill
 
+    def layout(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, left, top) of an image of that size on the canvas (left/top < 0: its
+        centre is cut out); shared with the tensor path (captioner.encoders.tensor_transforms) so both agree."""
+        ratio = self.scale / max(width, height)
+        new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+        return new_w, new_h, (self.size - new_w) // 2, (self.size - new_h) // 2
+
     def __call__(self, image):
         from PIL import Image
         from timm.data.transforms import str_to_pil_interp
 
-        w, h = image.size
-        ratio = self.scale / max(w, h)
-        new = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-        resized = image.resize(new, str_to_pil_interp(self.interpolation))
+        new_w, new_h, left, top = self.layout(*image.size)
+        resized = image.resize((new_w, new_h), str_to_pil_interp(self.interpolation))
         canvas = Image.new(image.mode, (self.size, self.size), self.fill)
-        canvas.paste(resized, ((self.size - new[0]) // 2, (self.size - new[1]) // 2))
+        canvas.paste(resized, (left, top))
         return canvas
 
     def __repr__(self) -> str:

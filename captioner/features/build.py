@@ -44,6 +44,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..config import resolve_decode
 from ..data.records import CaptionRecord
 from ..encoders import EncoderSpec, FrozenEncoder, spec_transform, transform_signature
 from ..errors import NO_PERMISSION, NO_SPACE, UserError, disk_full
@@ -51,7 +52,7 @@ from ..files import atomic_write_text, fsync_dir
 from .cache import (FORMAT_VERSION, CacheDamagedError, FeatureCache, cache_key, changed_images, chunk_ranges,
                     digest, manifest_shapes, map_array, not_writable, npy_header, open_array, read_chunk_sources,
                     read_json, read_manifest, read_sources, row_bytes, shapes_of, write_sources)
-from .extract import encode_batches, encode_ranges, flush
+from .extract import decode_path, encode_batches, encode_ranges, flush
 
 try:
     import fcntl
@@ -67,12 +68,16 @@ def prepare_features(
     cache_dir: str | Path,
     dataset_id: str,
     spatial: bool = False,
+    decode: str = "pil",
     **extract_kwargs,
 ) -> dict[str, FeatureCache]:
     """Open (or build) the cache of every split; the encoder is only built when some split must be encoded.
+    `decode`: auto | pil | device (`features.decode`: how images are decoded, captioner.features.extract).
     `extract_kwargs`: batch_size, num_workers, flush_every, progress, device, and `group` (an ExtractionGroup: every
     rank of a DDP job calls this, and each encodes its share of a cache that has to be built)."""
-    sig = transform_signature(spec_transform(spec))
+    transform = spec_transform(spec)
+    sig = transform_signature(transform)
+    decode = decode_path(transform, resolve_decode(decode, extract_kwargs.get("device", "cpu")))
     encoder: FrozenEncoder | None = None
 
     def get_encoder() -> FrozenEncoder:
@@ -82,9 +87,9 @@ def prepare_features(
 
     out: dict[str, FeatureCache] = {}
     for split, records in records_by_split.items():
-        key = cache_key(dataset_id, split, [r.key for r in records], spec, sig, spatial)
+        key = cache_key(dataset_id, split, [r.key for r in records], spec, sig, spatial, decode)
         out[split] = _open_or_build(Path(cache_dir), key, records, get_encoder, f"{dataset_id}/{split}",
-                                    spatial=spatial, **extract_kwargs)
+                                    spatial=spatial, decode=decode, **extract_kwargs)
     return out
 
 
@@ -142,26 +147,31 @@ def extract_features(
     progress: bool = True,
     device: str | torch.device = "cpu",
     group: ExtractionGroup = SOLO,
+    decode: str = "pil",
 ) -> FeatureCache:
     """`prepare_features` for one split with an encoder at hand: the cache for these records, extracted (or
     resumed, or repaired) if needed.
 
     `flush_every` batches make one chunk: the unit of progress after a kill and of repair after damage.
     """
-    key = cache_key(dataset_id, split, [r.key for r in records], encoder.spec,
-                    transform_signature(encoder.transform()), spatial)
+    transform = encoder.transform()
+    decode = decode_path(transform, resolve_decode(decode, device))
+    key = cache_key(dataset_id, split, [r.key for r in records], encoder.spec, transform_signature(transform),
+                    spatial, decode)
     return _open_or_build(Path(cache_dir), key, records, lambda: encoder, f"{dataset_id}/{split}", spatial=spatial,
                           batch_size=batch_size, num_workers=num_workers, flush_every=flush_every,
-                          progress=progress, device=device, group=group)
+                          progress=progress, device=device, group=group, decode=decode)
 
 
 def _open_or_build(cache_dir: Path, key: str, records: Sequence[CaptionRecord],
                    get_encoder: Callable[[], FrozenEncoder], label: str, spatial: bool = False, batch_size: int = 8,
                    num_workers: int = 2, flush_every: int = 32, progress: bool = True,
-                   device: str | torch.device = "cpu", group: ExtractionGroup = SOLO) -> FeatureCache:
+                   device: str | torch.device = "cpu", group: ExtractionGroup = SOLO,
+                   decode: str = "pil") -> FeatureCache:
     """The verified cache `<cache_dir>/<key>` of these records, built, resumed or repaired as needed. Rank 0 holds
     the entry's lock throughout (other jobs wait) and decides; a build is shared by every rank of `group`, a repair
-    (a few damaged chunks) is rank 0's alone. `get_encoder` is only called when something has to be encoded."""
+    (a few damaged chunks) is rank 0's alone. `get_encoder` is only called when something has to be encoded.
+    `decode` (pil | device, keyed in `key`) is the decode path of every row written, resumed or repaired."""
     final = cache_dir / key
     try:
         if group.rank == 0:
@@ -169,12 +179,12 @@ def _open_or_build(cache_dir: Path, key: str, records: Sequence[CaptionRecord],
         lock = _exclusive_lock(cache_dir / f"{key}.lock", label) if group.rank == 0 else contextlib.nullcontext()
         with lock:
             ready = group.broadcast(_open_or_repair(final, records, get_encoder, label, num_workers, progress,
-                                                    device) if group.rank == 0 else None)
+                                                    device, decode) if group.rank == 0 else None)
             if not ready:
                 if group.rank == 0:
                     _check_writable(cache_dir)  # before the encoder is built (or downloaded) for nothing
                 _build(final, records, get_encoder(), label, spatial, batch_size, num_workers, flush_every,
-                       progress, device, group)
+                       progress, device, group, decode)
             else:
                 group.barrier()
     except UserError:
@@ -253,7 +263,7 @@ def _is_or_holds_link(folder: Path) -> bool:
 # --- a finished entry: open, repair, refresh ------------------------------------------------------------------------
 
 def _open_or_repair(final: Path, records: Sequence[CaptionRecord], get_encoder: Callable[[], FrozenEncoder],
-                    label: str, num_workers: int, progress: bool, device) -> bool:
+                    label: str, num_workers: int, progress: bool, device, decode: str = "pil") -> bool:
     """True when `final` holds a verified cache of these records (repairing damaged chunks and re-extracting
     changed images first); False when it must be built (absent, or damaged beyond repair: then it is removed)."""
     if _is_or_holds_link(final):
@@ -276,14 +286,14 @@ def _open_or_repair(final: Path, records: Sequence[CaptionRecord], get_encoder: 
         if e.chunks is None:
             _remove_entry(final)
             return False
-        _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device)
+        _repair(final, e.chunks, records, get_encoder(), label, num_workers, progress, device, decode)
         FeatureCache.open(final)  # verified again: damage that persists is an error
-    _refresh_changed_images(final, records, get_encoder, label, num_workers, progress, device)
+    _refresh_changed_images(final, records, get_encoder, label, num_workers, progress, device, decode)
     return True
 
 
 def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str,
-            num_workers: int, progress: bool, device) -> None:
+            num_workers: int, progress: bool, device, decode: str = "pil") -> None:
     """Re-extract the rows of the damaged `chunks` in place, with the original batch size."""
     from tqdm.auto import tqdm
 
@@ -312,7 +322,8 @@ def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], enc
 
     encoder = encoder.to(device)
     bar = tqdm(total=len(redone), desc=f"repair {label}", unit="img", disable=not progress)
-    encode_ranges(encoder, records, ranges, arrays, manifest["batch_size"], num_workers, device, chunk_done, bar)
+    encode_ranges(encoder, records, ranges, arrays, manifest["batch_size"], num_workers, device, chunk_done, bar,
+                  decode)
     bar.close()
     arrays.clear()
     if changed:
@@ -324,7 +335,7 @@ def _repair(path: Path, chunks: list[int], records: Sequence[CaptionRecord], enc
 
 
 def _refresh_changed_images(path: Path, records: Sequence[CaptionRecord], get_encoder: Callable[[], FrozenEncoder],
-                            label: str, num_workers: int, progress: bool, device) -> None:
+                            label: str, num_workers: int, progress: bool, device, decode: str = "pil") -> None:
     """Re-extract the rows whose image changed since it was encoded (only those) and record the fingerprints."""
     manifest = read_manifest(path)
     changed, current, renewed = changed_images(read_sources(path, len(records)), records)
@@ -333,7 +344,7 @@ def _refresh_changed_images(path: Path, records: Sequence[CaptionRecord], get_en
         log.warning("feature cache of %s: %d of %d image(s) changed since their features were extracted (%s): "
                     "re-extracting those only", label, len(changed), len(records), names)
         _reextract_rows(path, manifest, changed, current, records, get_encoder(), label, num_workers, progress,
-                        device)
+                        device, decode)
     elif renewed:
         try:  # touched or copied back: same bytes, so the features stand
             write_sources(path, current)
@@ -342,7 +353,8 @@ def _refresh_changed_images(path: Path, records: Sequence[CaptionRecord], get_en
 
 
 def _reextract_rows(path: Path, manifest: dict, rows: list[int], sources: list, records: Sequence[CaptionRecord],
-                    encoder: FrozenEncoder, label: str, num_workers: int, progress: bool, device) -> None:
+                    encoder: FrozenEncoder, label: str, num_workers: int, progress: bool, device,
+                    decode: str = "pil") -> None:
     """Encode `rows` again in place, then record their chunks' checksums, the unreadable images and the
     fingerprints (in this order: a kill in between leaves checksums that fail, or fingerprints that differ, and
     the next run redoes the rows)."""
@@ -354,7 +366,8 @@ def _reextract_rows(path: Path, manifest: dict, rows: list[int], sources: list, 
     failed = {k: v for k, v in manifest["failed"].items() if k not in redone}
     bar = tqdm(total=len(rows), desc=f"changed images {label}", unit="img", disable=not progress)
     for batch, batch_failed, fingerprints in encode_batches(encoder.to(device), records, rows, arrays,
-                                                            manifest["batch_size"], num_workers, device, bar):
+                                                            manifest["batch_size"], num_workers, device, bar,
+                                                            decode):
         failed.update(batch_failed)
         for row, fingerprint in zip(batch, fingerprints):
             sources[row] = fingerprint
@@ -435,7 +448,7 @@ def _plan(partial: Path, n: int, shapes: dict[str, tuple[int, ...]], batch_size:
 
 def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder, label: str, spatial: bool,
            batch_size: int, num_workers: int, flush_every: int, progress: bool, device,
-           group: ExtractionGroup = SOLO) -> None:
+           group: ExtractionGroup = SOLO, decode: str = "pil") -> None:
     """Extract into `<key>.partial/` (resuming it when possible) and rename it to `<key>/` when complete.
 
     With a group of several processes, each encodes every world-th chunk still to do into the shared arrays and
@@ -470,7 +483,7 @@ def _build(final: Path, records: Sequence[CaptionRecord], encoder: FrozenEncoder
     todo = [ranges[c] for c in mine]
     bar = tqdm(total=sum(b - a for a, b in todo), desc=f"features {label}", unit="img",
                disable=not progress or group.rank != 0, smoothing=0.1)
-    encode_ranges(encoder, records, todo, arrays, plan["batch_size"], num_workers, device, chunk_done, bar)
+    encode_ranges(encoder, records, todo, arrays, plan["batch_size"], num_workers, device, chunk_done, bar, decode)
     bar.close()
     arrays.clear()  # unmap before the rename
     group.barrier()  # every rank's chunks are on disk and recorded

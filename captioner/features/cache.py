@@ -51,13 +51,15 @@ RACY_NS = 2_000_000_000  # a verification younger than this after the file's las
 
 
 def cache_key(dataset_id: str, split: str, keys: Sequence[str], spec: EncoderSpec, transform_sig: str,
-              spatial: bool) -> str:
-    """Hash of everything that determines the features; changing any of them never reuses stale features."""
+              spatial: bool, decode: str = "pil") -> str:
+    """Hash of everything that determines the features; changing any of them never reuses stale features.
+    `decode` (the path `captioner.features.extract.decode_path` chose) is keyed only when not `pil`, so caches
+    written before there was a choice keep their keys."""
     payload = json.dumps({
         "version": FORMAT_VERSION, "dataset": dataset_id, "split": split,
         "images": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
         "encoder": spec.timm_name, "weights": spec.weights_id(), "input_size": spec.input_size,
-        "transform": transform_sig, "spatial": spatial,
+        "transform": transform_sig, "spatial": spatial, **({} if decode == "pil" else {"decode": decode}),
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
