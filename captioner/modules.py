@@ -101,11 +101,17 @@ class Captioner(L.LightningModule):
         meteor: bool = True,
         tokenizer: str = "auto",
         scst: Mapping[str, Any] | None = None,
+        lr_scaling: Mapping[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # factories (optimizer, scheduler partials) stay out of the checkpoint's hyper-parameters, and so does how
-        # the weights were trained (`scst`): a captioner is used the same way after either stage
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "scst"])
+        # the weights were trained (`scst`, `lr_scaling`): a captioner is used the same way after either stage
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "scst", "lr_scaling", "compile"])
+        self.lr_scaling = dict(lr_scaling or {"rule": "none"})
+        # `compile`: the teacher-forced training loss through torch.compile (fused kernels, fewer launches); the
+        # step-by-step decoding of validation and test stays eager
+        self.compile_training, self._compiled_loss = compile, None
         self.vocab = Vocabulary.from_dict(dict(vocab))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decoder = self.build_decoder(decoder, feature_dim, tuple(grid))
@@ -113,6 +119,7 @@ class Captioner(L.LightningModule):
         # stage=scst: training maximises the CIDEr-D of sampled captions (captioner.scst) instead of cross-entropy
         self.scst = SelfCritical(**dict(scst)) if scst else None
         self.reward = None  # its reward, built from the training references when fitting starts
+        self._nonfinite: torch.Tensor | None = None  # (step, loss) of the first non-finite training loss, or -1s
         self.eval_outputs: list[dict] = []
         self.test_results: dict = {}
         self.test_predictions: list[dict] = []
@@ -145,6 +152,15 @@ class Captioner(L.LightningModule):
         """What training minimises: the caption loss, plus what a family adds to it."""
         return self.caption_loss(features, captions, image_index)
 
+    def training_loss_function(self) -> Callable:
+        """`training_loss`, compiled on first use with `compile`: dynamic shapes, since batch sizes and caption
+        lengths change from step to step and a graph per shape would recompile all the time."""
+        if not self.compile_training:
+            return self.training_loss
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.training_loss, dynamic=True)
+        return self._compiled_loss
+
     def generate(self, features: torch.Tensor, **overrides) -> list[str]:
         """Captions of `features` under the decode config (`decode.*`, then `overrides`): every setting but the
         beam's own applies to greedy decoding, beam search and sampling (`sample`, with `temperature`, `top_k`)
@@ -174,7 +190,7 @@ class Captioner(L.LightningModule):
                 self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(features))
             return loss
         if stage == "train":
-            loss = self.training_loss(features, captions, batch["caption_image"])
+            loss = self.training_loss_function()(features, captions, batch["caption_image"])
             self._check_finite(loss)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(captions))
             return loss
@@ -187,14 +203,50 @@ class Captioner(L.LightningModule):
             for i, h, r in zip(batch["index"].tolist(), hypotheses, batch["references"]))
         return loss
 
+    # How often a GPU's training loss is read on the host to check it is finite: reading it waits for the device to
+    # finish the step (a sync that idles the GPU between steps), so on a GPU the first non-finite loss is recorded
+    # on the device and read every this many steps, and always before anything is validated or saved. On the CPU
+    # the read costs nothing: every step. None: that choice; a number: every that many steps on any device.
+    finite_check_every: int | None = None
+
     def _check_finite(self, loss: torch.Tensor) -> None:
-        """Stop at the first NaN/inf training loss, before it reaches the weights: checkpoints are only written at
-        epoch ends, so the last one on disk is from before the divergence."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "nothing after the last finished epoch was saved, so checkpoints/last.ckpt is the last good state. "
-                "Lower optimizer.lr (or use trainer.precision=32-true), then resume with ckpt_path=last")
+        """Stop at the first NaN/inf training loss, naming its step, before any checkpoint holds what came after it:
+        checkpoints are written at epoch ends, after this check, so the last one on disk is from before the
+        divergence."""
+        every = self.finite_check_every or (1 if loss.device.type == "cpu" else 50)
+        if every == 1:
+            if not torch.isfinite(loss):
+                raise self._nonfinite_error(self.global_step, loss.item())
+            return
+        record = torch.stack([torch.full((), float(self.global_step), device=loss.device), loss.detach().float()])
+        if self._nonfinite is None:
+            self._nonfinite = torch.full_like(record, -1.0)
+        fresh = ~torch.isfinite(record[1]) & (self._nonfinite[0] < 0)  # only the first one is kept
+        self._nonfinite = torch.where(fresh, record, self._nonfinite)
+        if (self.global_step + 1) % every == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        if self._nonfinite is None:
+            return
+        step, value = self._nonfinite.tolist()
+        if step >= 0:
+            raise self._nonfinite_error(int(step), value)
+
+    def _nonfinite_error(self, step: int, value: float) -> FloatingPointError:
+        return FloatingPointError(
+            f"training loss became {value} at step {step} (epoch {self.current_epoch}); nothing after the last "
+            "finished epoch was saved, so checkpoints/last.ckpt is the last good state. Lower optimizer.lr (or use "
+            "trainer.precision=32-true), then resume with ckpt_path=last")
+
+    def on_validation_start(self) -> None:
+        self.raise_if_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite()
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -281,11 +333,33 @@ class Captioner(L.LightningModule):
     def configure_optimizers(self):
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         optimizer = factory(params=[p for p in self.parameters() if p.requires_grad])
+        scale = self.lr_multiplier()
+        for group in optimizer.param_groups:  # before the scheduler reads them as its base rates
+            group["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def effective_batch_size(self) -> int:
+        """Captions (images for stage=scst) per optimiser step: the loader's batch on every rank, accumulated."""
+        trainer = self.trainer
+        return int(trainer.datamodule.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def lr_multiplier(self) -> float:
+        """What `lr_scaling` makes of optimizer.lr at this run's effective batch: `sqrt` of the ratio to
+        base_batch_size (Adam's rule: Malladi et al. 2022, the noise scale of adaptive updates grows with the
+        square root of the batch), `linear` (SGD's: Goyal et al. 2017), or none."""
+        rule = self.lr_scaling.get("rule", "none")
+        if rule == "none" or getattr(self.trainer, "datamodule", None) is None:
+            return 1.0
+        batch, base = self.effective_batch_size(), int(self.lr_scaling["base_batch_size"])
+        scale = batch / base if rule == "linear" else math.sqrt(batch / base)
+        if scale != 1.0:
+            log.info("learning rate x%.3g for an effective batch of %d (lr_scaling.rule=%s, base_batch_size=%d)",
+                     scale, batch, rule, base)
+        return scale
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, also for the fused AdamW (conf/optimizer/adamw.yaml) under bf16-mixed. Lightning's

@@ -170,6 +170,14 @@ class Loader:
     num_workers: int = at_least(0)
     group_by_image: bool = flag()
     group_by_length: bool = flag()
+    resident: Any = one_of("auto", True, False, note="auto = on a GPU when the features fit resident_budget")
+    resident_budget: float = between(0.0, 1.0, note="the share of free device memory (RAM on CPU) they may take")
+
+
+@dataclass
+class LrScaling:
+    rule: str = one_of("none", "linear", "sqrt")
+    base_batch_size: int = at_least(1, note="the batch size optimizer.lr was chosen at")
 
 
 @dataclass
@@ -177,6 +185,7 @@ class Features:
     batch_size: int = at_least(1)
     num_workers: int = integer_or("auto")
     device: str = one_of("auto", "cpu", "cuda")
+    decode: str = one_of("auto", "pil", "device", note="auto = device on CUDA, pil on CPU")
 
 
 @dataclass
@@ -406,9 +415,10 @@ class Shapes:
 
 
 # The config's top-level keys (conf/train.yaml and its groups): a `+key=...` beside them is a typo, not a setting.
-TOP_LEVEL = {"attention", "callbacks", "ckpt_path", "data", "datamodule", "decode", "decoder", "encoder", "features",
-             "init_from", "label_smoothing", "loader", "logger", "metrics", "model", "offline_encoder_swap",
-             "optimizer", "paths", "run_name", "scheduler", "scst", "seed", "task", "text", "trainer"}
+TOP_LEVEL = {"attention", "callbacks", "ckpt_path", "compile", "data", "datamodule", "decode", "decoder", "encoder",
+             "features", "init_from", "label_smoothing", "loader", "logger", "lr_scaling", "metrics", "model",
+             "offline_encoder_swap", "optimizer", "paths", "run_name", "scheduler", "scst", "seed", "task", "text",
+             "trainer"}
 SEED = {"kind": int, "low": 0, "high": 2**32 - 1, "high_open": False}
 
 
@@ -526,6 +536,8 @@ def check_config(cfg: DictConfig, task: str = "train") -> None:
     problems += _check_value(cfg, "seed", SEED)
     problems += check_section(c.get("text"), Text, "text.")
     problems += check_section(c.get("loader"), Loader, "loader.")
+    problems += check_section(_section(cfg, "lr_scaling"), LrScaling, "lr_scaling.")
+    problems += _check_value(cfg, "compile", {"kind": bool})
     problems += check_section(c.get("features"), Features, "features.")
     problems += check_scheduler(c.get("scheduler"))
     problems += check_section(c.get("decode"), Decode, "decode.")

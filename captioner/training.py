@@ -117,6 +117,8 @@ def build_model(cfg: DictConfig, dm: CaptionDataModule):
         optimizer=hydra.utils.instantiate(cfg.optimizer), scheduler=scheduler, label_smoothing=cfg.label_smoothing,
         decode=OmegaConf.to_container(cfg.decode), meteor=cfg.metrics.meteor, tokenizer=cfg.metrics.tokenizer,
         scst=OmegaConf.to_container(cfg.scst) if cfg.get("scst") else None,
+        lr_scaling=OmegaConf.to_container(cfg.lr_scaling) if cfg.get("lr_scaling") else None,
+        compile=bool(cfg.get("compile", False)),
         _recursive_=False, _convert_="all")  # the decoder's node stays data: the module builds it
 
 

@@ -111,3 +111,40 @@ def test_length_grouping_cuts_padding_and_keeps_every_caption_and_whole_images()
     assert sorted(i for b in singles for i in b) == list(range(pair_rows.size))
     assert sorted(len(b) for b in singles)[1:] == [64] * (len(singles) - 1)
     assert _padding(singles, lengths) < _padding(grouped, lengths)
+
+
+@pytest.mark.parametrize("feature", ["pooled", "spatial"])
+@pytest.mark.parametrize("by_image,by_length", [(True, True), (False, True), (False, False)])
+def test_resident_batches_equal_the_loader_batches(tiny_shapes, cache_dir, feature, by_image, by_length):
+    """loader.resident builds the same batches, in the same order, with the same values, as the DataLoader over the
+    cache, every epoch; only without the per-batch reads and copies."""
+    kw = dict(feature=feature, group_by_image=by_image, group_by_length=by_length)
+    read, held = make(tiny_shapes, cache_dir, resident=False, **kw), make(tiny_shapes, cache_dir, resident=True, **kw)
+    from captioner.data.datamodule import ResidentBatches
+
+    loader, resident = read.train_dataloader(), held.train_dataloader()
+    assert isinstance(resident, ResidentBatches) and not isinstance(loader, ResidentBatches)
+    assert held.resident_rows["train"].data.dtype == torch.float16  # held as cached: half the memory of float32
+    for epoch in range(2):  # a new shuffle each epoch, the same on both sides
+        a, b = list(loader), list(resident)
+        assert len(a) == len(b) == len(resident) > 1
+        for x, y in zip(a, b):
+            assert x.keys() <= y.keys()
+            for key in x:
+                assert torch.equal(x[key], y[key]), (epoch, key)
+    # validation batches gather from the resident tensor too
+    for x, y in zip(read.val_dataloader(), held.val_dataloader()):
+        assert torch.equal(x["features"], y["features"]) and x["references"] == y["references"]
+
+
+def test_resident_auto_reads_from_the_cache_on_cpu_and_true_refuses_what_does_not_fit(tiny_shapes, cache_dir):
+    from captioner.data.datamodule import ResidentBatches
+    from captioner.data.records import DatasetError
+
+    auto = make(tiny_shapes, cache_dir, resident="auto")
+    assert not isinstance(auto.train_dataloader(), ResidentBatches) and not auto.resident_rows
+    tight = make(tiny_shapes, cache_dir, resident=True, resident_budget=1e-9)
+    with pytest.raises(DatasetError, match=r"loader\.resident_budget=1e-09.*loader\.resident=auto"):
+        tight.train_dataloader()
+    with pytest.raises(ValueError, match="loader.resident"):
+        CaptionDataModule(DATA, ENCODER, cache_dir=str(cache_dir), resident="yes")

@@ -67,6 +67,14 @@ class _FeatureRows:
             os.close(self._fd)
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.read(rows).astype(np.float32))
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.row_bytes
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows as stored (float16)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"feature rows {rows.min()}..{rows.max()} out of range for {self.n} rows in {self.path}")
@@ -84,7 +92,35 @@ class _FeatureRows:
                 raise OSError(f"short read from {self.path} ({got} of {want} bytes at row {rows[order[i]]}): the "
                               "feature cache was truncated while in use; run again to repair it")
             i = j
-        return torch.from_numpy(buf.astype(np.float32))
+        return buf
+
+
+class ResidentRows:
+    """One split's features in one tensor on a device (RAM on the CPU), as stored (float16). A batch is one gather
+    on the device: no reads, no host-to-device copy per batch."""
+
+    CHUNK_BYTES = 256 << 20
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data, self.device, self.n = data, data.device, len(data)
+
+    @classmethod
+    def load(cls, reader: _FeatureRows, device: torch.device) -> "ResidentRows":
+        """The reader's rows on `device`, filled chunk by chunk: the host never holds a second whole copy."""
+        data = torch.empty((reader.n, *reader.row_shape), dtype=torch.float16, device=torch.device(device))
+        step = max(1, cls.CHUNK_BYTES // max(1, reader.row_bytes))
+        for a in range(0, reader.n, step):
+            rows = np.arange(a, min(a + step, reader.n))
+            data[a:a + len(rows)].copy_(torch.from_numpy(reader.read(rows).astype(np.float16, copy=False)))
+        return cls(data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def __call__(self, rows) -> torch.Tensor:
+        index = torch.as_tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.data[index].float()
 
 
 class _RowBatches(Dataset):
@@ -193,6 +229,39 @@ class GroupedBatches(Sampler[list[int]]):
         return len(self._batches())
 
 
+class ResidentBatches:
+    """The training batches of `sampler` (GroupedBatches: the same batches, in the same order, as the DataLoader
+    path) built on the features' device from resident features and tokens: per epoch one host-to-device copy of
+    every batch's indices, then per batch only gathers on the device and no host sync. Not a DataLoader: there is
+    nothing to load. `batch_sampler` is how Lightning finds `set_epoch` (a resumed run's shuffle)."""
+
+    def __init__(self, features: ResidentRows, pairs: "CaptionPairs", sampler: GroupedBatches) -> None:
+        self.features, self.pairs, self.batch_sampler = features, pairs, sampler
+        device = features.device
+        self.tokens = torch.from_numpy(pairs.tokens.astype(np.int64)).to(device)
+        self.lengths = torch.from_numpy(pairs.lengths.astype(np.int64)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        # every batch's captions, its distinct images and each caption's image among them, laid end to end
+        plan, parts = [], []
+        for batch in batches:
+            idx = np.asarray(batch, dtype=np.int64)
+            images, caption_image = np.unique(self.pairs.rows[idx], return_inverse=True)
+            plan.append((len(idx), len(images), int(self.pairs.lengths[idx].max())))
+            parts += [idx, images, caption_image.reshape(-1)]
+        flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64)).to(self.features.device)
+        pos = 0
+        for n, u, longest in plan:
+            idx, images, caption_image = flat[pos:pos + n], flat[pos + n:pos + n + u], flat[pos + n + u:pos + 2 * n + u]
+            pos += 2 * n + u
+            yield {"features": self.features.data[images].float(), "captions": self.tokens[idx, :longest],
+                   "lengths": self.lengths[idx], "caption_image": caption_image, "image_rows": images}
+
+
 class CaptionImages(_RowBatches):
     """Each image once, with all of its references as written (for BLEU/CIDEr against every reference; the metrics
     tokenise them as the official evaluation does)."""
@@ -219,15 +288,32 @@ class CaptionImages(_RowBatches):
         }
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: a GPU's free memory, or the RAM the kernel says is available."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def resolved_extraction(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Feature extraction settings (`features.*`) with `auto` device and workers resolved for this machine."""
-    from ..config import resolve_device, resolve_extraction_workers
+    """Feature extraction settings (`features.*`) with `auto` device, workers and decode path resolved for this
+    machine."""
+    from ..config import resolve_decode, resolve_device, resolve_extraction_workers
 
     out = dict(settings)
     if "device" in out:
         out["device"] = resolve_device(out["device"])
     if "num_workers" in out:
         out["num_workers"] = resolve_extraction_workers(out["num_workers"], out.get("device", "cpu"))
+    if "decode" in out:
+        out["decode"] = resolve_decode(out["decode"], out.get("device", "cpu"))
     return out
 
 
@@ -251,6 +337,8 @@ class CaptionDataModule(L.LightningDataModule):
         seed: int = 0,
         test_split: str = "test",
         train_batches: str = "captions",
+        resident: bool | str = "auto",
+        resident_budget: float = 0.5,
     ) -> None:
         super().__init__()
         if feature not in ("pooled", "spatial"):
@@ -268,6 +356,10 @@ class CaptionDataModule(L.LightningDataModule):
         if train_batches not in ("captions", "images"):
             raise ValueError(f"train_batches must be 'captions' or 'images', got '{train_batches}'")
         self.train_batches = train_batches
+        if resident not in ("auto", True, False):
+            raise ValueError(f"resident must be auto, true or false (config key loader.resident), got {resident!r}")
+        self.resident, self.resident_budget = resident, resident_budget
+        self.resident_rows: dict[str, ResidentRows] = {}
         self.dataset: CaptionDataset | None = None
         self.caches: dict[str, FeatureCache] = {}
         self.splits: dict[str, Dataset] = {}
@@ -437,29 +529,69 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         world, rank = self._replicas()
+        resident = self._resident_features(split) is not None
+        # resident features are gathered in this process (a worker cannot use the GPU's copy); pinned host batches
+        # reach a GPU without the copy blocking the host
+        workers = 0 if resident else self.num_workers
+        options = dict(num_workers=workers, collate_fn=_batch_identity, persistent_workers=workers > 0,
+                       pin_memory=not resident and self._device().type == "cuda",
+                       multiprocessing_context=worker_context(workers))
         if world > 1:
             sampler = DistributedSampler(self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle,
                                          seed=self.seed, drop_last=False)
-            return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler,
-                              num_workers=self.num_workers, collate_fn=_batch_identity,
-                              persistent_workers=self.num_workers > 0,
-                              multiprocessing_context=worker_context(self.num_workers))
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_batch_identity, persistent_workers=self.num_workers > 0,
-                          multiprocessing_context=worker_context(self.num_workers))
+            return DataLoader(self.splits[split], batch_size=batch_size, sampler=sampler, **options)
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, **options)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         if self.train_batches == "images":  # batch_size images, shuffled; under DDP each rank its own images
             return self._loader("train", self.batch_size, shuffle=True)
-        if not (self.group_by_image or self.group_by_length):
-            return self._loader("train", self.batch_size, shuffle=True)
-        pairs = self.splits["train"]
+        resident = self._resident_features("train")
+        pairs = self.splits["train"]  # neither grouping: GroupedBatches shuffles single captions
         world, rank = self._replicas()
         sampler = GroupedBatches(pairs.rows, self.batch_size, self.seed, num_replicas=world, rank=rank,
                                  lengths=pairs.lengths if self.group_by_length else None, by_image=self.group_by_image)
+        if resident is not None:
+            return ResidentBatches(resident, pairs, sampler)
         return DataLoader(pairs, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_batch_identity,
-                          persistent_workers=self.num_workers > 0,
+                          persistent_workers=self.num_workers > 0, pin_memory=self._device().type == "cuda",
                           multiprocessing_context=worker_context(self.num_workers))
+
+    # -- resident features --------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        """The device the attached trainer trains on (this rank's GPU under DDP); the CPU without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _resident_features(self, split: str) -> ResidentRows | None:
+        """The split's features held on the training device (`loader.resident`), loaded on first use, or None:
+        `auto` holds them on a GPU while all the splits loaded so far fit `resident_budget` of the memory that was
+        free when the first one was loaded, and reads them per batch from the cache otherwise (on the CPU the
+        page cache already serves those reads, and RSS stays flat: benchmark.py's rss_ratio_10x); `true` holds
+        them on any device, and refuses a split that does not fit."""
+        if split in self.resident_rows:
+            return self.resident_rows[split]
+        device = self._device()
+        if self.resident is False or (self.resident == "auto" and device.type != "cuda"):
+            return None
+        dataset = self.splits[split]
+        need = dataset.features.nbytes
+        if not hasattr(self, "_resident_left"):
+            self._resident_left = self.resident_budget * free_memory(device)
+        if need > self._resident_left:
+            problem = (f"the {split} features ({need / 2**30:.2f} GiB) do not fit what is left of "
+                       f"loader.resident_budget={self.resident_budget} of the free memory of {device} "
+                       f"({self._resident_left / 2**30:.2f} GiB)")
+            if self.resident is True:
+                raise DatasetError(f"{problem}. Raise loader.resident_budget, or set loader.resident=auto to read "
+                                   "the splits that do not fit from the cache")
+            log.info("%s: read per batch from the cache", problem)
+            return None
+        self._resident_left -= need
+        rows = ResidentRows.load(dataset.features, device)
+        dataset.features = rows  # val/test batches gather from it too
+        self.resident_rows[split] = rows
+        log.info("%s features resident on %s (%.2f GiB)", split, device, need / 2**30)
+        return rows
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
