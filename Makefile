@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv and install the suite with dev + cluster (submitit launcher) + demo (Gradio) extras
 
 test: $(VENV)/.installed ## run the test suite (offline, CPU; slow tests excluded)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed ## unit tests only (not e2e: no CLI or training runs; tests/conftest.py E2E_FILES), < 2 min
 	$(PY) -m pytest -q -m 'not slow and not e2e'
@@ -85,6 +85,14 @@ scst-study: $(VENV)/.installed ## SCST on dino_lstm_init + dino_attention from S
 		"make scst-study STUDY=path/to/study" >&2; exit 1; fi
 	$(PY) experiments/scst_study.py "$(STUDY)" --epochs $(SCST_EPOCHS)
 
+BATCH ?= 256
+RULE ?= sqrt
+
+batch-study: $(VENV)/.installed ## a large batch (BATCH, lr by RULE) vs STUDY's batch-64 runs of dino_lstm_init + dino_attention -> <study>/batch-*/
+	@if [ -z "$(STUDY)" ]; then echo "error: no multirun/study-* found: run 'make study' first, or name one:" \
+		"make batch-study STUDY=path/to/study" >&2; exit 1; fi
+	$(PY) experiments/batch_scaling.py "$(STUDY)" --batch-size $(BATCH) --rule $(RULE)
+
 bench: $(VENV)/.installed ## the benchmark: every speed/memory figure beside its goal -> benchmark.json
 	$(PY) experiments/benchmark.py
 
@@ -100,4 +108,4 @@ report: $(VENV)/.installed ## comparison report of a sweep into <sweep>/report/ 
 clean: ## remove generated data, caches and run outputs (keeps .venv)
 	rm -rf data/cache data/shapes outputs multirun
 
-.PHONY: help install test test-fast test-all inspect prepare train sweep demo search study scst-study report bench clean
+.PHONY: help install test test-fast test-all inspect prepare train sweep demo search study scst-study batch-study report bench clean

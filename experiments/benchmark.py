@@ -1,7 +1,7 @@
 """Where the suite stands against its limits: every figure measured side by side in one run on this machine,
 printed beside its goal and written to benchmark.json.
 
-usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--ckpt best.ckpt] [--cuda-only]
+usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--ckpt best.ckpt] [--cuda]
        (make bench). --smoke: tiny sizes, every figure still produced (the test suite runs it).
 
   1. extraction_vs_forward   feature extraction img/s (decode + resize + forward + write) / bare encoder forward
@@ -23,7 +23,12 @@ usage: python experiments/benchmark.py [--out benchmark.json] [--smoke] [--ckpt 
      demo_sweep_seconds      the wall time of the last `make demo` (read from its sweep_seconds.txt: the sweep
                              itself takes longer than this benchmark)                          goal <= 900 s
   6. on CUDA when a GPU is present: training captions/s (bf16 autocast) and batched vs one-at-a-time beam
-     (keys ending in _cuda); skipped cleanly on CPU. --cuda-only runs just these.
+     (keys ending in _cuda); skipped cleanly on CPU. --cuda runs just the GPU figures, with
+  7. the COCO-scale workload (experiments/training_speed.py: 100k images of synthetic features of the real shapes):
+     each variant's captions/s today (batch 64 read from the cache) and fast (resident features, --batch-size,
+     compiled), their ratio, the step split and the model FLOPs utilisation           goal >= 10x (attention)
+     and feature extraction on the GPU (DINOv2 ViT-S/14, JPEGs of COCO's size) with PIL decoding in workers and
+     with the JPEGs decoded on the GPU, each / the bare forward                       goal >= 0.8
 
 Speed ratios are per-step or per-image times over the same work, each the median of 5 rounds that time its two sides
 one right after the other (this host's speed drifts within minutes); absolute figures depend on the machine,
@@ -45,7 +50,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "experiments")]
 
 import torch  # noqa: E402
 
@@ -156,6 +161,76 @@ def extraction_vs_forward(root: Path, images: int, batch_size: int) -> dict:
     return {"forward_img_s": images / forward_s, "extraction_img_s": images / extract_s, "extraction_workers": workers,
             "extraction_vs_forward": 1 / ratio, "extraction_prepare_share": prepare_over_forward,
             "extraction_ceiling": 1 / (1 + prepare_over_forward)}
+
+
+def coco_sized_jpegs(folder: Path, images: int, distinct: int = 64) -> list:
+    """`images` JPEGs of COCO's typical size (640x480, quality 90; `distinct` different pictures, repeated) as
+    caption records."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from captioner.data.records import CaptionRecord
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    encoded = []
+    for i in range(distinct):  # smooth colour fields with noise: photo-like JPEG sizes (~100 KB)
+        base = np.stack([(x * (i + 1) // 7 + y // 3) % 256, (y * (i + 2) // 5) % 256, (x + y + 9 * i) % 256], -1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    records = []
+    for i in range(images):
+        path = folder / f"{i:06d}.jpg"
+        path.write_bytes(encoded[i % distinct])
+        records.append(CaptionRecord(image=path, captions=["a picture"], split="train"))
+    return records
+
+
+def extraction_on_device(root: Path, images: int, batch_size: int, device: str = "cuda") -> dict:
+    """Feature extraction on the GPU over the bare forward at the same batch size: DINOv2 ViT-S/14 (random weights,
+    `encoder.weights=none`: the speed does not depend on them) on COCO-sized JPEGs, the images decoded by PIL in
+    `features.num_workers=auto` workers, and decoded on the GPU (`features.decode=device`)."""
+    from captioner.config import resolve_extraction_workers
+    from captioner.encoders import EncoderSpec, FrozenEncoder
+    from captioner.features import extract_features
+
+    records = coco_sized_jpegs(root / "coco-jpegs", images)
+    encoder = FrozenEncoder(EncoderSpec(name="dinov2_vits14", weights="none")).to(device)
+    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    workers = resolve_extraction_workers("auto", device)
+    caches = itertools.count()
+
+    def forward_all():
+        with torch.inference_mode():
+            for _ in range(-(-images // batch_size)):
+                encoder(x)
+        _sync(device)
+
+    def extract_all(decode: str):
+        def run():
+            extract_features(encoder, records, root / f"gpu-cache-{next(caches)}", "bench", "train", spatial=True,
+                             batch_size=batch_size, num_workers=workers, progress=False, device=device,
+                             decode=decode)
+            _sync(device)
+        return run
+
+    out = {"extraction_cuda_encoder": "dinov2_vits14", "extraction_cuda_batch": batch_size,
+           "extraction_cuda_workers": workers}
+    for decode in ("pil", "device"):
+        forward_s, extract_s, ratio = _paired(forward_all, extract_all(decode))
+        out.update({"forward_img_s_cuda": images / forward_s, f"extraction_{decode}_img_s_cuda": images / extract_s,
+                    f"extraction_{decode}_vs_forward_cuda": 1 / ratio})
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":  # CUDA runs asynchronously: work is over when the device is done
+        torch.cuda.synchronize()
 
 
 # -- 2 ---------------------------------------------------------------------------------------------------------
@@ -404,8 +479,11 @@ def main(argv=None) -> int:
                                    "checkpoint under multirun/, else an untrained model)")
     ap.add_argument("--root", help="where datasets and caches are built (default: a temp dir; the full run "
                                    "reuses ./data for the 3000-image shapes world)")
-    ap.add_argument("--cuda-only", action="store_true", help="only the CUDA figures (training captions/s, batched "
-                                                              "beam), e.g. on a GPU machine without the CPU budget")
+    ap.add_argument("--cuda", "--cuda-only", dest="cuda_only", action="store_true",
+                    help="only the GPU figures: the COCO-scale training workload, extraction on the GPU, batched beam")
+    ap.add_argument("--images", type=int, default=100_000, help="--cuda: images of the synthetic COCO-scale workload")
+    ap.add_argument("--batch-size", type=int, default=1024, help="--cuda: the fast path's batch (captions)")
+    ap.add_argument("--no-compile", action="store_true", help="--cuda: the fast path without torch.compile")
     args = ap.parse_args(argv)
     from captioner.memory import keep_freed_memory
 
@@ -424,7 +502,7 @@ def main(argv=None) -> int:
         ckpt = str(found[-1]) if found else None
     cuda = torch.cuda.is_available()
     if args.cuda_only and not cuda:
-        ap.error("--cuda-only: no CUDA device here")
+        ap.error("--cuda: no CUDA device here")
 
     results: dict = {"device": torch.cuda.get_device_name(0) if cuda else
                      f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
@@ -440,6 +518,12 @@ def main(argv=None) -> int:
     results["captions_per_s_cuda"] = throughput(root, size["n_train"], size["steps"], "cuda") if cuda else None
     if cuda:
         results.update(batched_beam(ckpt, root, size["beam"], size["n_train"], "cuda"))
+    if args.cuda_only:
+        from training_speed import measure
+
+        results["coco_scale_training"] = measure(VARIANTS, 2_000 if smoke else args.images, args.batch_size,
+                                                 not args.no_compile, 10 if smoke else 60, "cuda")
+        results.update(extraction_on_device(Path(tmp.name), 256 if smoke else 2_000, 64))
     results["benchmark_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(results, indent=2))
     tmp.cleanup()
@@ -456,6 +540,20 @@ def main(argv=None) -> int:
               f"{r['batched_fp32_beam_speedup']:.1f}x: {r['beam3_fp32_batched_ms_per_image']:.2f} vs "
               f"{r['beam3_fp32_single_ms_per_image']:.2f} ms/image; bf16 {r['batched_bf16_beam_speedup']:.1f}x: "
               f"{r['beam3_bf16_batched_ms_per_image']:.2f} vs {r['beam3_bf16_single_ms_per_image']:.2f} ms/image)")
+        if "coco_scale_training" in results:
+            from training_speed import render_row
+
+            w = results["coco_scale_training"]
+            print(f"  COCO-scale training ({w['images']:,} images, batch 64 read from the cache -> resident, batch "
+                  f"{w['batch_size']}{', compiled' if w['compile'] else ''}):")
+            for name, row in w["variants"].items():
+                print(render_row(name, row))
+            print(f"  extraction on the GPU / bare forward ({results['extraction_cuda_encoder']}, batch "
+                  f"{results['extraction_cuda_batch']}): PIL in {results['extraction_cuda_workers']} workers "
+                  f"{results['extraction_pil_vs_forward_cuda']:.2f} ({results['extraction_pil_img_s_cuda']:.0f} img/s), "
+                  f"JPEGs decoded on the GPU {results['extraction_device_vs_forward_cuda']:.2f} "
+                  f"({results['extraction_device_img_s_cuda']:.0f} img/s); bare forward "
+                  f"{results['forward_img_s_cuda']:.0f} img/s   goal >= 0.8")
     else:
         print("  CUDA: no GPU here, skipped")
     print(f"benchmark took {results['benchmark_seconds']:.0f} s -> {args.out}")

@@ -53,28 +53,31 @@ def run_scst(xe: Run, out: Path, epochs: int) -> Path:
     return run_dir
 
 
-def compare(pairs: dict[str, tuple[list[Run], list[Run]]], n_boot: int, seed: int) -> dict:
-    """{variant: {"xe": {score: (mean, sd, n)}, "scst": ..., "delta": {bleu_4|cider: CI}}}."""
+def compare(pairs: dict[str, tuple[list[Run], list[Run]]], n_boot: int, seed: int,
+            stages: tuple[str, str] = ("xe", "scst")) -> dict:
+    """{variant: {"xe": {score: (mean, sd, n)}, "scst": ..., "delta": {bleu_4|cider: CI}}}: the second of
+    `stages` against the first, paired image by image, seed by seed."""
     out = {}
-    for model, (xe_runs, scst_runs) in pairs.items():
-        runs = xe_runs + scst_runs
+    a, b = stages
+    for model, (a_runs, b_runs) in pairs.items():
+        runs = a_runs + b_runs
         for run in runs:
             read_run_files(run)
         keys = align_predictions(runs)
         score_runs(runs, keys)
-        xe, scst = Variant(f"{model} xe", xe_runs), Variant(f"{model} scst", scst_runs)
-        deltas = hierarchical_deltas([xe, scst], xe, len(keys), n_boot, seed)[scst.label]
+        first, second = Variant(f"{model} {a}", a_runs), Variant(f"{model} {b}", b_runs)
+        deltas = hierarchical_deltas([first, second], first, len(keys), n_boot, seed)[second.label]
         out[model] = {
             stage: {name: seed_summary([r.test.get(name) for r in v.runs]) for name in SCORES}
-            for stage, v in (("xe", xe), ("scst", scst))}
+            for stage, v in ((a, first), (b, second))}
         out[model]["delta"] = {m: {**ci, "holds_up": holds_up(ci)} for m, ci in deltas.items()}
-        out[model]["seeds"] = [r.seed for r in xe_runs]
-        out[model]["epochs"] = {"xe": [r.metrics.get("epochs") for r in xe_runs],
-                                "xe_best_epoch": [r.metrics.get("best_epoch") for r in xe_runs],
-                                "scst": [r.metrics.get("epochs") for r in scst_runs],
-                                "scst_best_epoch": [r.metrics.get("best_epoch") for r in scst_runs]}
-        out[model]["train_seconds"] = {"xe": [r.metrics.get("train_seconds") for r in xe_runs],
-                                       "scst": [r.metrics.get("train_seconds") for r in scst_runs]}
+        out[model]["seeds"] = [r.seed for r in a_runs]
+        out[model]["epochs"] = {a: [r.metrics.get("epochs") for r in a_runs],
+                                f"{a}_best_epoch": [r.metrics.get("best_epoch") for r in a_runs],
+                                b: [r.metrics.get("epochs") for r in b_runs],
+                                f"{b}_best_epoch": [r.metrics.get("best_epoch") for r in b_runs]}
+        out[model]["train_seconds"] = {a: [r.metrics.get("train_seconds") for r in a_runs],
+                                       b: [r.metrics.get("train_seconds") for r in b_runs]}
     return out
 
 
