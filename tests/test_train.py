@@ -107,18 +107,20 @@ def test_extraction_workers_auto_uses_only_idle_cores(monkeypatch):
 @pytest.mark.e2e
 def test_a_run_gives_the_same_numbers_whether_or_not_it_built_the_cache(tmp_path, monkeypatch, capfd):
     """The first run of a fresh root builds the world and its feature cache (running the encoder's random init);
-    the second finds them built. Both must train the same model: same losses, same metrics, same captions."""
+    the second finds them built. Both must train the same model: same losses, same metrics, same captions. So must
+    a third whose features are held in memory (loader.resident=true): the same batches, gathered instead of read."""
     from conftest import run_script
 
     monkeypatch.setenv("CAPTIONER_ROOT", str(tmp_path / "root"))
+    runs = {"builds": [], "reuses": [], "resident": ["loader.resident=true"]}
     tables = []
-    for name in ("builds", "reuses"):
-        status, err = run_script("train.py", ["debug=tiny", "model=dino_lstm", f"hydra.run.dir={tmp_path / name}"],
-                                 monkeypatch, capfd)
+    for name, extra in runs.items():
+        status, err = run_script("train.py", ["debug=tiny", "model=dino_lstm", f"hydra.run.dir={tmp_path / name}",
+                                              *extra], monkeypatch, capfd)
         assert status == 0, err[-2000:]
         rows = (tmp_path / name / "csv" / "metrics.csv").read_text().splitlines()
         tables.append(rows)
-    assert tables[0] == tables[1] and len(tables[0]) > 2
+    assert tables[0] == tables[1] == tables[2] and len(tables[0]) > 2
     captions = [[json.loads(line)["hypothesis"] for line in (tmp_path / n / "predictions.jsonl").open()]
-                for n in ("builds", "reuses")]
-    assert captions[0] == captions[1]
+                for n in runs]
+    assert captions[0] == captions[1] == captions[2]

@@ -245,6 +245,9 @@ class ResidentBatches:
         return len(self.batch_sampler)
 
     def __iter__(self):
+        # the draw a DataLoader's iterator makes for its workers' base seed: the same dropout masks then follow, and
+        # a run trains the same model bit for bit with or without resident features
+        torch.empty((), dtype=torch.int64).random_()
         batches = list(self.batch_sampler)
         # every batch's captions, its distinct images and each caption's image among them, laid end to end
         plan, parts = [], []
