@@ -30,7 +30,7 @@ for path in (REPO, REPO / "experiments"):  # the repo's package, and scst_study 
         sys.path.insert(0, str(path))
 
 from captioner.report.runs import Run, find_runs  # noqa: E402
-from scst_study import SCORES, compare, fmt, hydra_string  # noqa: E402
+from scst_study import SCORES, compare, delta_table, fmt, hydra_string  # noqa: E402
 
 
 def run_large(base: Run, out: Path, batch_size: int, rule: str) -> Path:
@@ -58,13 +58,7 @@ def render(results: dict, batch_size: int, rule: str, labels: tuple[str, str]) -
             lines.append(f"| {model} | {label} | {fmt(r['val_bleu_4'][label])} | "
                          + " | ".join(fmt(r[label][s]) for s in SCORES)
                          + f" | {statistics.mean(seconds):.0f} |")
-    lines += ["", "| variant | Δ test BLEU-4 [95% CI] | Δ test CIDEr-D [95% CI] | differs |", "|---|---|---|---|"]
-    for model, r in results.items():
-        d = r["delta"]
-        lines.append(f"| {model} | {d['bleu_4']['delta']:+.3f} [{d['bleu_4']['lo']:+.3f}, {d['bleu_4']['hi']:+.3f}] | "
-                     f"{d['cider']['delta']:+.3f} [{d['cider']['lo']:+.3f}, {d['cider']['hi']:+.3f}] | "
-                     f"BLEU-4 {'yes' if d['bleu_4']['holds_up'] else 'no'}, "
-                     f"CIDEr-D {'yes' if d['cider']['holds_up'] else 'no'} |")
+    lines += ["", *delta_table(results, "| variant | Δ test BLEU-4 [95% CI] | Δ test CIDEr-D [95% CI] | differs |")]
     lines += ["", f"Mean ± sd over seeds {', '.join(str(s) for s in next(iter(results.values()))['seeds'])}; the "
               f"same epochs on both sides. {large}: loader.batch_size={batch_size} with lr_scaling.rule={rule} (the "
               f"learning rate x{scale(batch_size, rule):.3g}) and the same warm-up fraction; {small}: the study's "

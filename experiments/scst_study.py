@@ -88,18 +88,24 @@ def fmt(summary) -> str:
     return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
 
-def render(results: dict, epochs: int) -> str:
-    lines = ["| variant | stage | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
-    for model, r in results.items():
-        for stage in ("xe", "scst"):
-            lines.append(f"| {model} | {stage} | " + " | ".join(fmt(r[stage][s]) for s in SCORES) + " |")
-    lines += ["", "| variant | Δ BLEU-4 [95% CI] | Δ CIDEr-D [95% CI] | holds up |", "|---|---|---|---|"]
+def delta_table(results: dict, header: str) -> list[str]:
+    """Markdown rows of each variant's Δ BLEU-4 and Δ CIDEr-D with their intervals, and whether they hold up."""
+    lines = [header, "|---|---|---|---|"]
     for model, r in results.items():
         d = r["delta"]
         lines.append(f"| {model} | {d['bleu_4']['delta']:+.3f} [{d['bleu_4']['lo']:+.3f}, {d['bleu_4']['hi']:+.3f}] | "
                      f"{d['cider']['delta']:+.3f} [{d['cider']['lo']:+.3f}, {d['cider']['hi']:+.3f}] | "
                      f"BLEU-4 {'yes' if d['bleu_4']['holds_up'] else 'no'}, "
                      f"CIDEr-D {'yes' if d['cider']['holds_up'] else 'no'} |")
+    return lines
+
+
+def render(results: dict, epochs: int) -> str:
+    lines = ["| variant | stage | " + " | ".join(SCORES) + " |", "|---" * (len(SCORES) + 2) + "|"]
+    for model, r in results.items():
+        for stage in ("xe", "scst"):
+            lines.append(f"| {model} | {stage} | " + " | ".join(fmt(r[stage][s]) for s in SCORES) + " |")
+    lines += ["", *delta_table(results, "| variant | Δ BLEU-4 [95% CI] | Δ CIDEr-D [95% CI] | holds up |")]
     lines += ["", f"Mean ± sd over seeds {', '.join(str(s) for s in next(iter(results.values()))['seeds'])}; "
               f"SCST: {epochs} epoch(s) from each seed's best cross-entropy checkpoint. Δ = SCST - cross-entropy, "
               "hierarchical bootstrap over test images (paired) and seeds."]
