@@ -95,18 +95,27 @@ def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention
             assert im.format == "PNG" and im.size[0] > 200
 
 
-def test_caption_command_samples_repeatably_and_blocks_trigrams(attention_run, tmp_path):
+def test_caption_command_samples_repeatably_and_blocks_trigrams(attention_run, tmp_path, monkeypatch, capsys):
     """--sample draws other captions for the same image (repeatable with --seed), --block-trigrams keeps every
-    caption free of repeated trigrams, and flags that cannot work together are refused before any work."""
+    caption free of repeated trigrams, and flags that cannot work together are refused before any work. The
+    command's main() in this process (the entry point itself is run as a process above)."""
+    from captioner.caption import main
+
     root, run_dir = attention_run
+    monkeypatch.setenv("CAPTIONER_ROOT", str(root))
     image = tmp_path / "grey.png"
     Image.new("RGB", (224, 224), (120, 120, 120)).save(image)
     ckpt = _best(run_dir)
 
+    def run(*args) -> tuple[int, str, str]:
+        status = main(["--ckpt", ckpt, *map(str, args)])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
     def captions(*flags):
-        r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, *[str(image)] * 6, "--json", *flags], root)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return [json.loads(line)["caption"] for line in r.stdout.splitlines()]
+        status, out, err = run(*[image] * 6, "--json", *flags)
+        assert status == 0, err[-3000:]
+        return [json.loads(line)["caption"] for line in out.splitlines()]
 
     first = captions("--sample", "--seed", "3", "--block-trigrams")
     assert first == captions("--sample", "--seed", "3", "--block-trigrams")  # repeatable
@@ -116,10 +125,10 @@ def test_caption_command_samples_repeatably_and_blocks_trigrams(attention_run, t
         words = caption.split()
         grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
         assert len(grams) == len(set(grams)), caption
-    r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, str(image), "--temperature", "0.5"], root)
-    assert r.returncode == 2 and "only apply with --sample" in r.stderr
-    r = run_cli(["-m", "captioner.caption", "--ckpt", ckpt, str(image), "--sample", "--beam-size", "3"], root)
-    assert r.returncode == 2 and "--sample=true" in r.stderr and "--beam-size=3" in r.stderr
+    status, _, err = run(image, "--temperature", "0.5")
+    assert status == 2 and "only apply with --sample" in err
+    status, _, err = run(image, "--sample", "--beam-size", "3")
+    assert status == 2 and "--sample=true" in err and "--beam-size=3" in err
 
 
 def test_attention_maps_are_distributions_over_the_grid(attention_run):
