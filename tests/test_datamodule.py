@@ -148,3 +148,24 @@ def test_resident_auto_reads_from_the_cache_on_cpu_and_true_refuses_what_does_no
         tight.train_dataloader()
     with pytest.raises(ValueError, match="loader.resident"):
         CaptionDataModule(DATA, ENCODER, cache_dir=str(cache_dir), resident="yes")
+
+
+def test_resident_auto_on_a_gpu_holds_the_splits_that_fit_the_budget(tiny_shapes, cache_dir, monkeypatch):
+    """On a GPU `auto` holds split after split while they fit resident_budget of the memory free at the first, and
+    reads the rest from the cache. (The device is faked: the decision, not CUDA, is under test; the tensors stay
+    on the CPU.)"""
+    import captioner.data.datamodule as datamodule
+    from captioner.data.datamodule import ResidentBatches, ResidentRows
+
+    dm = make(tiny_shapes, cache_dir, resident="auto", resident_budget=0.5)
+    sizes = {s: dm.splits[s].features.nbytes for s in ("train", "val", "test")}
+    free = 2 * (sizes["train"] + sizes["val"]) + 1  # half of it: train and val fit, test no longer does
+    monkeypatch.setattr(dm, "_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(datamodule, "free_memory", lambda device: free)
+    monkeypatch.setattr(ResidentRows, "load", classmethod(lambda cls, reader, device: cls(
+        torch.from_numpy(reader.read(np.arange(reader.n))))))
+    monkeypatch.setattr(dm, "_loader", lambda split, *a, **k: dm._resident_features(split))  # no pinned loader
+    assert isinstance(dm.train_dataloader(), ResidentBatches)
+    assert dm.val_dataloader() is dm.resident_rows["val"] and dm.test_dataloader() is None
+    assert set(dm.resident_rows) == {"train", "val"}
+    assert not isinstance(dm.splits["test"].features, ResidentRows)  # still the cache reader
