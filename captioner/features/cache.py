@@ -285,10 +285,11 @@ def check_arrays(path: Path, manifest: dict) -> tuple[list[str], list[int]]:
 
 # --- source images: fingerprints, and which changed since they were encoded -----------------------------------------
 
-def source_fingerprint(path: Path) -> list | None:
+def source_fingerprint(path: Path, content: list[bytes] | None = None) -> list | None:
     """[size, mtime_ns, ctime_ns, inode, taken_ns, sha256 (first 128 bits, hex)] of an image file as it is now, or
     None when it cannot be read. The stat comes from the descriptor that is hashed, before the bytes are read: a
-    file changed while being hashed differs from its fingerprint later, so it is looked at again."""
+    file changed while being hashed differs from its fingerprint later, so it is looked at again. `content`: a list
+    that gets the bytes hashed, block by block (for a reader that needs them: the file is then read once)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a pipe named like an image must not hang
     except OSError:
@@ -301,6 +302,8 @@ def source_fingerprint(path: Path) -> list | None:
         try:
             while block := f.read(1 << 20):
                 hashed.update(block)
+                if content is not None:
+                    content.append(block)
         except OSError:
             return None
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, taken, hashed.hexdigest()[:32]]

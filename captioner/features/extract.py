@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -81,23 +79,17 @@ class RawJpeg(NamedTuple):
     orientation: int
 
 
-def device_jpeg(path: Path) -> RawJpeg | None:
+def device_jpeg(path: Path, data: bytes | None = None) -> RawJpeg | None:
     """The bytes of `path` when it is a JPEG that `decode_jpeg` turns into the pixels `load_image` gives: baseline
     or progressive, RGB or grey, longer side at most MAX_DECODE_SIDE (larger ones need PIL's reduced-scale decode).
     None for anything else, and for any problem: the PIL path then reads the file and reports the problem in
-    load_image's words. The orientation is read by PIL (EXIF, else XMP), as ImageOps.exif_transpose reads it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a pipe named like an image must not hang
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+    load_image's words. The orientation is read by PIL (EXIF, else XMP), as ImageOps.exif_transpose reads it.
+    `data`: the file's bytes when the caller has read them already (with its fingerprint: `source_fingerprint`)."""
+    if data is None:
+        blocks: list[bytes] = []
+        if source_fingerprint(path, blocks) is None:  # missing, not a regular file, unreadable
             return None
-        try:
-            data = f.read()
-        except OSError:
-            return None
+        data = b"".join(blocks)
     # A truncated JPEG lacks its end marker: PIL refuses it, a GPU decoder may fill in grey; so PIL decides (a
     # complete JPEG with bytes appended after the marker also goes there, which costs only speed).
     if not data.endswith(_EOI):
@@ -129,10 +121,11 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        fingerprint = source_fingerprint(self.paths[i])
-        if self.raw_jpegs and (data := device_jpeg(self.paths[i])) is not None:
+        path, blocks = self.paths[i], []
+        fingerprint = source_fingerprint(path, blocks if self.raw_jpegs else None)  # one read gives the JPEG too
+        if self.raw_jpegs and fingerprint is not None and (data := device_jpeg(path, b"".join(blocks))) is not None:
             return data, "", fingerprint
-        return (*_pil_item(self.paths[i], self.image_stage, self.input_size, self.dtype), fingerprint)
+        return (*_pil_item(path, self.image_stage, self.input_size, self.dtype), fingerprint)
 
 
 def _collate_images(items: list[tuple]) -> tuple[torch.Tensor, list[str], list]:
