@@ -150,16 +150,22 @@ class CaptionPairs(_RowBatches):
         self.features, self.rows, self.tokens, self.lengths = features, rows, tokens, lengths
 
     def __getitems__(self, indices) -> dict:
-        idx = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[idx]
-        images, caption_image = np.unique(self.rows[idx], return_inverse=True)
+        idx, images, caption_image, longest = caption_batch(self.rows, self.lengths, indices)
         return {
             "features": self.features(images),
-            "captions": torch.from_numpy(self.tokens[idx, : lengths.max()].astype(np.int64)),
-            "lengths": torch.from_numpy(lengths.astype(np.int64)),
-            "caption_image": torch.from_numpy(caption_image.reshape(-1).astype(np.int64)),
+            "captions": torch.from_numpy(self.tokens[idx, :longest].astype(np.int64)),
+            "lengths": torch.from_numpy(self.lengths[idx].astype(np.int64)),
+            "caption_image": torch.from_numpy(caption_image),
             "image_rows": torch.from_numpy(images),  # cache row of each distinct image (U,)
         }
+
+
+def caption_batch(rows: np.ndarray, lengths: np.ndarray, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A batch of training captions laid out: (their indices, the distinct cache rows of their images, each
+    caption's image among those, the longest caption's tokens), all int64."""
+    idx = np.asarray(indices, dtype=np.int64)
+    images, caption_image = np.unique(rows[idx], return_inverse=True)
+    return idx, images, caption_image.reshape(-1).astype(np.int64), int(lengths[idx].max())
 
 
 class GroupedBatches(Sampler[list[int]]):
@@ -252,10 +258,9 @@ class ResidentBatches:
         # every batch's captions, its distinct images and each caption's image among them, laid end to end
         plan, parts = [], []
         for batch in batches:
-            idx = np.asarray(batch, dtype=np.int64)
-            images, caption_image = np.unique(self.pairs.rows[idx], return_inverse=True)
-            plan.append((len(idx), len(images), int(self.pairs.lengths[idx].max())))
-            parts += [idx, images, caption_image.reshape(-1)]
+            idx, images, caption_image, longest = caption_batch(self.pairs.rows, self.pairs.lengths, batch)
+            plan.append((len(idx), len(images), longest))
+            parts += [idx, images, caption_image]
         flat = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64)).to(self.features.device)
         pos = 0
         for n, u, longest in plan:
@@ -363,6 +368,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError(f"resident must be auto, true or false (config key loader.resident), got {resident!r}")
         self.resident, self.resident_budget = resident, resident_budget
         self.resident_rows: dict[str, ResidentRows] = {}
+        self._resident_left: float | None = None  # bytes the budget still allows, once the first split is loaded
         self.dataset: CaptionDataset | None = None
         self.caches: dict[str, FeatureCache] = {}
         self.splits: dict[str, Dataset] = {}
@@ -578,7 +584,7 @@ class CaptionDataModule(L.LightningDataModule):
             return None
         dataset = self.splits[split]
         need = dataset.features.nbytes
-        if not hasattr(self, "_resident_left"):
+        if self._resident_left is None:
             self._resident_left = self.resident_budget * free_memory(device)
         if need > self._resident_left:
             problem = (f"the {split} features ({need / 2**30:.2f} GiB) do not fit what is left of "
