@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "experiments")]
 
 import torch  # noqa: E402
+from training_speed import sync  # noqa: E402
 
 from captioner.config import variants  # noqa: E402
 
@@ -209,14 +210,14 @@ def extraction_on_device(root: Path, images: int, batch_size: int, device: str =
         with torch.inference_mode():
             for _ in range(-(-images // batch_size)):
                 encoder(x)
-        _sync(device)
+        sync(device)
 
     def extract_all(decode: str):
         def run():
             extract_features(encoder, records, root / f"gpu-cache-{next(caches)}", "bench", "train", spatial=True,
                              batch_size=batch_size, num_workers=workers, progress=False, device=device,
                              decode=decode)
-            _sync(device)
+            sync(device)
         return run
 
     out = {"extraction_cuda_encoder": "dinov2_vits14", "extraction_cuda_batch": batch_size,
@@ -226,11 +227,6 @@ def extraction_on_device(root: Path, images: int, batch_size: int, device: str =
         out.update({"forward_img_s_cuda": images / forward_s, f"extraction_{decode}_img_s_cuda": images / extract_s,
                     f"extraction_{decode}_vs_forward_cuda": 1 / ratio})
     return out
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":  # CUDA runs asynchronously: work is over when the device is done
-        torch.cuda.synchronize()
 
 
 # -- 2 ---------------------------------------------------------------------------------------------------------
@@ -343,8 +339,7 @@ def batched_beam(ckpt: str | None, root: Path, n_images: int, n_train: int, devi
         def call():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 captions[way] = ways[way]()
-            if device == "cuda":  # CUDA runs asynchronously: a call is over when the device is done
-                torch.cuda.synchronize()
+            sync(device)  # a call is over when the device is done
         return call
 
     for precision in ("fp32", "bf16"):
@@ -447,8 +442,7 @@ def throughput(root: Path, n_train: int, steps: int, device: str) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
 
         seconds = _timed(epoch, 1)
         out[name] = sum(len(b["captions"]) for b in batches) / seconds

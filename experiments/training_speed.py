@@ -42,6 +42,12 @@ GRID = (16, 16)
 COCO_VOCAB = 9_487
 
 
+def sync(device: str) -> None:
+    """Wait for the device: CUDA runs asynchronously, so work is over when the device is done."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def coco_like_captions(n_images: int, per_image: int, vocab_size: int, max_length: int, seed: int):
     """(caption's image row, padded token ids with <sos>/<eos>, lengths in tokens): COCO-like lengths (words ~
     N(10.5, 2.4) clipped to [5, max_length]), Zipf-distributed words."""
@@ -71,7 +77,7 @@ def write_features(path: Path, n_images: int, shape: tuple[int, ...], seed: int)
     return np.load(path, mmap_mode="r")
 
 
-def build_variant(name: str, vocab_size: int, batch_size: int, compile: bool, device: str):
+def build_variant(name: str, vocab_size: int, batch_size: int, compile: bool):
     """The variant's LightningModule as train.py builds it (its own encoder's feature sizes, its optimiser, the
     warm-up + cosine schedule, lr_scaling), for `batch_size` captions a step."""
     from captioner.config import compose
@@ -114,22 +120,18 @@ class _Clock:
         class Callback(L.Callback):
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if trainer.global_step == warmup:
-                    clock.sync()
+                    sync(device)
                     clock.t0, clock.captions = time.perf_counter(), 0
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 clock.captions += len(batch["captions"])
 
             def on_train_end(self, trainer, module):
-                clock.sync()
+                sync(device)
                 clock.seconds = time.perf_counter() - clock.t0
                 clock.steps = trainer.global_step - warmup
 
-        self.callback, self.device, self.t0, self.captions = Callback(), device, None, 0
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        self.callback, self.t0, self.captions = Callback(), None, 0
 
 
 def lightning_throughput(model, loader, cfg, steps: int, warmup: int, device: str) -> dict:
@@ -162,15 +164,11 @@ def step_split(model, loader, steps: int, device: str) -> dict:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     loss_fn = model.training_loss_function()
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     it = iter(loader)
     phases = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
     captions, flops_per_caption = 0, None
     for step in range(steps + 2):  # two warm-up steps (compilation, allocator)
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         try:
             batch = next(it)
@@ -178,24 +176,24 @@ def step_split(model, loader, steps: int, device: str) -> dict:
             it = iter(loader)
             batch = next(it)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        sync()
+        sync(device)
         t1 = time.perf_counter()
         if flops_per_caption is None:  # counted once, eagerly (the counter does not see inside compiled code)
             with FlopCounterMode(display=False) as counter, autocast:
                 model.training_loss(batch["features"], batch["captions"], batch["caption_image"]).backward()
             flops_per_caption = counter.get_total_flops() / len(batch["captions"])
             optimizer.zero_grad(set_to_none=True)
-            sync()
+            sync(device)
             t1 = time.perf_counter()
         with autocast:
             loss = loss_fn(batch["features"], batch["captions"], batch["caption_image"])
         loss.backward()
-        sync()
+        sync(device)
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
+        sync(device)
         t3 = time.perf_counter()
         if step >= 2:
             phases["data"] += t1 - t0
@@ -219,12 +217,11 @@ def measure(variants, images: int, batch_size: int, compile: bool, steps: int, d
            "peak_bf16_flops": peak, "variants": {}}
     warmup = 5
     for variant in variants:
-        cfg, feature, _ = build_variant(variant, COCO_VOCAB, 64, False, device)
         torch.manual_seed(seed)
-        _, _, model = build_variant(variant, COCO_VOCAB, 64, False, device)
+        cfg, feature, model = build_variant(variant, COCO_VOCAB, 64, False)
         before = lightning_throughput(model, batches(features[feature], pairs, 64, False, device, seed), cfg, steps,
                                       warmup, device)
-        cfg, _, model = build_variant(variant, COCO_VOCAB, batch_size, compile, device)
+        cfg, _, model = build_variant(variant, COCO_VOCAB, batch_size, compile)
         loader = batches(features[feature], pairs, batch_size, True, device, seed)
         after = lightning_throughput(model, loader, cfg, steps, warmup, device)
         split = step_split(model, loader, max(5, steps // 3), device)
