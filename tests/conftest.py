@@ -120,13 +120,142 @@ def run_cli(args, root=None, *, timeout=600, env=None, cwd=REPO):
     return r
 
 
+def run_here(args, root=None, *, timeout=None, env=None, cwd=REPO):
+    """`python args...` as run_cli runs it (same arguments and result: a CompletedProcess with .seconds), but in
+    this process: for a command whose test is not about the process itself it saves the ~8 s that a new
+    interpreter spends importing torch, Lightning and timm. args: a script and its arguments, `-m module ...` or
+    `-c code ...`. The command sees what a process would: its argv, cwd, environment (OMP_NUM_THREADS as the torch
+    thread count), its own stdout and stderr (fd and Python level), exit status from SystemExit or 1 with a
+    traceback. All of that, and the logging handlers it adds (Hydra's train.log), are undone afterwards.
+    `timeout` is accepted for run_cli's signature and not enforced."""
+    import runpy
+    import subprocess
+    import sys
+    import time
+    import traceback
+    import warnings
+
+    import torch
+
+    args = [str(a) for a in args]
+    environ, argv, path, folder = dict(os.environ), sys.argv, list(sys.path), os.getcwd()
+    threads = torch.get_num_threads()
+    os.environ.update(WANDB_MODE="disabled", WANDB_SILENT="true")
+    os.environ.pop("LOCAL_RANK", None)
+    if root is not None:
+        os.environ["CAPTIONER_ROOT"] = str(root)
+    for key, value in (env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
+    if "OMP_NUM_THREADS" in (env or {}):
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads))
+    os.chdir(cwd)
+    t0 = time.perf_counter()
+    status = 0
+    try:
+        with _own_output() as output, _logging_restored(), warnings.catch_warnings():
+            try:
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)  # -m of an imported module
+                if args[0] == "-m":
+                    sys.argv = [args[1], *args[2:]]
+                    sys.path.insert(0, str(cwd))
+                    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+                elif args[0] == "-c":
+                    sys.argv = ["-c", *args[2:]]
+                    sys.path.insert(0, str(cwd))
+                    exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+                else:
+                    script = (Path(cwd) / args[0]).resolve()
+                    sys.argv = args
+                    sys.path.insert(0, str(script.parent))
+                    runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:  # sys.exit("message") prints the message and exits with 1, as Python does
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+                status = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:  # an uncaught error: what the interpreter would print, and its exit status
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv, sys.path[:] = argv, path
+        torch.set_num_threads(threads)
+        os.chdir(folder)
+    r = subprocess.CompletedProcess(args, status, output.stdout, output.stderr)
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+@contextmanager
+def _own_output():
+    """stdout and stderr of the block, at fd level (C code, child processes) and Python level, each in a file of
+    its own; read into .stdout and .stderr of what it yields when the block ends."""
+    import sys
+    import tempfile
+    from types import SimpleNamespace
+
+    output = SimpleNamespace(stdout="", stderr="")
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    try:
+        for fd, f in zip((1, 2), files):
+            os.dup2(f.fileno(), fd)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        ours = sys.stdout, sys.stderr
+        yield output
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        _unbind_log_handlers_from(*ours)
+        for name, f in zip(("stdout", "stderr"), files):
+            f.seek(0)
+            setattr(output, name, f.read().decode("utf-8", errors="replace"))
+            f.close()
+
+
+@contextmanager
+def _logging_restored():
+    """The logging configuration as it was before the block: a command configures logging for its process (Hydra's
+    job_logging writes <run dir>/train.log); the handlers it added are closed, the levels put back."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    before = {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in loggers}
+    try:
+        yield
+    finally:
+        kept = {h for handlers, *_ in before.values() for h in handlers}
+        for logger in [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                               if isinstance(lg, logging.Logger)]:
+            for handler in logger.handlers:
+                if handler not in kept and isinstance(handler, logging.FileHandler):
+                    handler.close()
+            if logger in before:
+                handlers, logger.level, logger.disabled, logger.propagate = before[logger]
+                logger.handlers = handlers
+            else:
+                logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A CAPTIONER_ROOT holding the `debug=tiny` shapes world and its EfficientNet-Lite0 feature cache, prepared
     once per test session. End-to-end runs read it (their run dirs go elsewhere); a test that damages a world or a
     cache prepares its own."""
     root = tmp_path_factory.mktemp("tiny_root")
-    r = run_cli(["-m", "captioner.prepare", "debug=tiny"], root, timeout=600)
+    r = run_here(["-m", "captioner.prepare", "debug=tiny"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
 
@@ -142,31 +271,16 @@ def tiny_attention_run(tiny_root, tmp_path_factory, lite0):
     run_dir = tmp_path_factory.mktemp("attention_run") / "run"
     weights = run_dir.parent / "lite0_copy.safetensors"
     save_file({k: v.contiguous() for k, v in lite0.trunk.state_dict().items()}, str(weights))
-    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"encoder.weights={weights}",
+    r = run_here(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"encoder.weights={weights}",
                  f"hydra.run.dir={run_dir}"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     return tiny_root, run_dir
 
 
-def run_script(script: str, args, monkeypatch, capfd, env=None) -> tuple[int, str]:
-    """`python <script> args...` run in this process as `__main__` (so through Hydra and the command's own error
-    reporting, as from a shell, without 5 s of imports per interpreter): (exit status, stderr)."""
-    import runpy
-    import sys
-
-    for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # what exit_on_user_error sets; here it must not leak
-    monkeypatch.setattr(sys, "argv", [script, "hydra/job_logging=none", "hydra/hydra_logging=none", *map(str, args)])
-    capfd.readouterr()
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-        status = 0
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
-    finally:
-        _unbind_log_handlers_from(sys.stdout, sys.stderr)
-    return status, capfd.readouterr().err
+def run_script(script: str, args, env=None) -> tuple[int, str]:
+    """`python <script> args...` run in this process (run_here) for a test that reads only (exit status, stderr)."""
+    r = run_here([script, *args], env=env)
+    return r.returncode, r.stderr
 
 
 def _unbind_log_handlers_from(*streams) -> None:

@@ -1,12 +1,12 @@
 """The data commands as a user runs them: python -m captioner.inspect / captioner.prepare with Hydra overrides."""
 
-from conftest import run_cli
+from conftest import run_here
 
 SMALL = ["data.num_train=30", "data.num_val=10", "data.num_test=10"]
 
 
 def run(module, *args, root):
-    return run_cli(["-m", module, *args], root, timeout=300)
+    return run_here(["-m", module, *args], root)
 
 
 def test_inspect_shapes_reports_splits_vocab_lengths_and_agreement(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hostile_files, run_cli
+from conftest import hostile_files, run_cli, run_here
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,7 @@ def trained(tiny_attention_run, tmp_path_factory):
     root, run_dir = tiny_attention_run
     ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
     model_dir = tmp_path_factory.mktemp("export") / "exported"
-    r = run_cli(["-m", "captioner.export", ckpt, model_dir], root)
+    r = run_here(["-m", "captioner.export", ckpt, model_dir], root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, run_dir, ckpt, run_dir.parent / "lite0_copy.safetensors", model_dir
 
@@ -82,7 +82,7 @@ def test_round_trip_in_a_fresh_process_without_the_encoder_weights_file(trained,
         assert out["one"] == expected[0] and out["pil"] == expected and out["array"] == expected
         assert all(out["attention"])
         # the checkpoint alone now needs the file: it says so, naming the setting
-        r = run_cli(["-c", f"from captioner import Captioner; Captioner.from_pretrained({str(ckpt)!r})"], root)
+        r = run_here(["-c", f"from captioner import Captioner; Captioner.from_pretrained({str(ckpt)!r})"], root)
         assert r.returncode != 0 and str(weights) in r.stderr and "encoder_weights" in r.stderr
     finally:
         shutil.move(moved, weights)
@@ -93,7 +93,7 @@ def test_caption_command_reads_a_model_directory_and_agrees_with_the_api(trained
 
     root, run_dir, _, _, model_dir = trained
     paths = [json.loads(x)["image_path"] for x in (run_dir / "predictions.jsonl").read_text().splitlines()][:4]
-    r = run_cli(["-m", "captioner.caption", "--ckpt", model_dir, *paths, "--json", "--beam-size", "3"], root)
+    r = run_here(["-m", "captioner.caption", "--ckpt", model_dir, *paths, "--json", "--beam-size", "3"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     cli = [json.loads(line)["caption"] for line in r.stdout.splitlines()]
     assert cli == Captioner.from_pretrained(model_dir, device="cpu").caption(paths, beam_size=3)
@@ -157,5 +157,5 @@ def test_export_refuses_a_non_empty_directory(trained, tmp_path):
     root, _, ckpt, _, _ = trained
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    r = run_cli(["-m", "captioner.export", ckpt, tmp_path / "out"], root)
+    r = run_here(["-m", "captioner.export", ckpt, tmp_path / "out"], root)
     assert r.returncode == 2 and "not empty" in r.stderr and (tmp_path / "out" / "keep.txt").exists()

@@ -99,16 +99,16 @@ def user_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-def train(folder, overrides, monkeypatch, capfd) -> dict:
+def train(folder, overrides) -> dict:
     run = folder / "run"
     status, err = run_script("train.py", [f"hydra.searchpath=[file://{folder / 'conf'}]", f"hydra.run.dir={run}",
-                                          *overrides], monkeypatch, capfd, env={"CAPTIONER_ROOT": str(folder / "root")})
+                                          *overrides], env={"CAPTIONER_ROOT": str(folder / "root")})
     assert status == 0, err
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_a_new_decoder_is_one_class_and_one_yaml(user_folder, monkeypatch, capfd):
-    metrics = train(user_folder, ["model=dino_lstm", "decoder=bag", *TINY], monkeypatch, capfd)
+def test_a_new_decoder_is_one_class_and_one_yaml(user_folder):
+    metrics = train(user_folder, ["model=dino_lstm", "decoder=bag", *TINY])
     assert metrics["decoder"] == "bag" and metrics["family"] == "pooled" and metrics["epochs"] == 1
     assert metrics["params_trainable"] > 0 and 0.0 <= metrics["test"]["bleu_4"] <= 1.0
     import torch
@@ -118,18 +118,18 @@ def test_a_new_decoder_is_one_class_and_one_yaml(user_folder, monkeypatch, capfd
                                                    "hidden_dim": 16}
 
 
-def test_a_new_dataset_reader_is_one_function_and_one_yaml(user_folder, monkeypatch, capfd):
+def test_a_new_dataset_reader_is_one_function_and_one_yaml(user_folder):
     metrics = train(user_folder, ["data=colours", "experiment=none", "encoder=efficientnet_lite0", "model=dino_lstm",
-                                  "decoder.hidden_dim=32", "decoder.embed_dim=16", *TINY[4:]], monkeypatch, capfd)
+                                  "decoder.hidden_dim=32", "decoder.embed_dim=16", *TINY[4:]])
     assert metrics["data"] == "colours" and metrics["data_stats"]
     predictions = (user_folder / "run" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(p)["image"] for p in predictions] == ["images/test_0.png", "images/test_1.png"]
     assert (user_folder / "root" / "data" / "colours" / "images" / "train_3.png").is_file()
 
 
-def test_a_misspelled_option_of_a_new_part_is_refused_with_a_hint(user_folder, monkeypatch, capfd):
+def test_a_misspelled_option_of_a_new_part_is_refused_with_a_hint(user_folder):
     """The schema knows the new part from its signature: no entry was added for it."""
     status, err = run_script("train.py", [f"hydra.searchpath=[file://{user_folder / 'conf'}]", "decoder=bag",
                                           "+decoder.hiden_dim=8", f"hydra.run.dir={user_folder / 'run'}"],
-                             monkeypatch, capfd, env={"CAPTIONER_ROOT": str(user_folder / "root")})
+                             env={"CAPTIONER_ROOT": str(user_folder / "root")})
     assert status == 2 and "decoder.hiden_dim" in err and "did you mean decoder.hidden_dim" in err, err

@@ -580,7 +580,7 @@ def test_a_checkpoint_from_a_url_or_with_a_payload_never_runs_code(tmp_path, mon
         assert len(r.stderr.strip().splitlines()) == 1 and not marker.exists()
         for ckpt in (url, f"file://{evil}", evil):  # eval.py and the caption CLI, in this process
             status, err = run_script("eval.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"],
-                                     monkeypatch, capfd, env={"CAPTIONER_ROOT": str(tmp_path)})
+                                     env={"CAPTIONER_ROOT": str(tmp_path)})
             assert status == 2 and err.startswith("error:") and str(ckpt) in err and "Traceback" not in err, err
             capfd.readouterr()
             assert caption_main(["--ckpt", str(ckpt), str(tmp_path)]) == 2

@@ -15,9 +15,9 @@ import torch
 from conftest import run_script
 
 
-def run_command(script: str, args: list[str], tmp_path, monkeypatch, capfd) -> tuple[int, str]:
+def run_command(script: str, args: list[str], tmp_path) -> tuple[int, str]:
     """`python <script> args...` in this process: (exit status, stderr)."""
-    return run_script(script, [f"hydra.run.dir={tmp_path / 'run'}", "logger=none", *args], monkeypatch, capfd,
+    return run_script(script, [f"hydra.run.dir={tmp_path / 'run'}", "logger=none", *args],
                       env={"CAPTIONER_ROOT": str(tmp_path / "root")})
 
 
@@ -70,9 +70,9 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_train_refuses_a_value_that_cannot_work(case, tmp_path, monkeypatch, capfd):
+def test_train_refuses_a_value_that_cannot_work(case, tmp_path):
     overrides, named = TRAIN_CASES[case]
-    status, err = run_command("train.py", overrides, tmp_path, monkeypatch, capfd)
+    status, err = run_command("train.py", overrides, tmp_path)
     assert_refused(status, err, *named)
     # Refused before anything was built: no dataset, no cache, no checkpoint.
     assert not (tmp_path / "root").exists()
@@ -88,10 +88,10 @@ EVAL_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(EVAL_CASES))
-def test_eval_refuses_a_value_that_cannot_work(case, tmp_path, monkeypatch, capfd):
+def test_eval_refuses_a_value_that_cannot_work(case, tmp_path):
     overrides, named = EVAL_CASES[case]
     ckpt = [] if case == "no_checkpoint" else [f"ckpt_path={tmp_path / 'model.ckpt'}"]
-    status, err = run_command("eval.py", ckpt + overrides, tmp_path, monkeypatch, capfd)
+    status, err = run_command("eval.py", ckpt + overrides, tmp_path)
     assert_refused(status, err, *named)
     assert not (tmp_path / "root").exists()
 
@@ -111,7 +111,7 @@ def test_the_default_configs_pass_the_schema():
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
-def test_a_run_directory_in_use_is_refused(script, tmp_path, monkeypatch, capfd):
+def test_a_run_directory_in_use_is_refused(script, tmp_path):
     """Two commands at once in one run directory (a second `train.py hydra.run.dir=<same>`, an `eval.py` into a
     run still training) would mix their checkpoints and results: the second is refused while the first holds it."""
     from captioner.files import exclusive_use
@@ -121,6 +121,6 @@ def test_a_run_directory_in_use_is_refused(script, tmp_path, monkeypatch, capfd)
     (run / ".in_use.lock").symlink_to(tmp_path / "elsewhere")  # a planted link is replaced, never followed
     with exclusive_use(run, "train.py"):
         status, err = run_command(script, [f"ckpt_path={tmp_path / 'model.ckpt'}"] if script == "eval.py" else [],
-                                  tmp_path, monkeypatch, capfd)
+                                  tmp_path)
     assert_refused(status, err, str(run), "in use by train.py (pid")
     assert not (tmp_path / "elsewhere").exists()

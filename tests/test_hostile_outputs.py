@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from captioner.report import build_report
-from conftest import file_size_limit, run_cli, run_script
+from conftest import file_size_limit, run_cli, run_here, run_script
 from test_compare import fake_sweep  # noqa: F401 (a fixture, a small fabricated sweep)
 
 TINY = ["debug=tiny", "model=dino_lstm_init", "trainer.log_every_n_steps=1"]
@@ -29,8 +29,9 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def _train(root, run_dir, *extra, full_disk=False):
-    command = ["-c", FULL_DISK_TRAIN] if full_disk else ["train.py"]
-    return run_cli([*command, *TINY, f"hydra.run.dir={run_dir}", *extra], root)
+    if full_disk:  # the file size limit is the process's: a process of its own
+        return run_cli(["-c", FULL_DISK_TRAIN, *TINY, f"hydra.run.dir={run_dir}", *extra], root)
+    return run_here(["train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], root)
 
 
 def _one_error_line(r):
@@ -53,18 +54,17 @@ def _clock(ckpt):
     return torch.load(ckpt, weights_only=True, map_location="cpu")["callbacks"]["TrainingClock"]["seconds"]
 
 
-def _refused_here(root, run_dir, *extra, monkeypatch, capfd):
+def _refused_here(root, run_dir, *extra):
     """The one `error:` line of a train.py run refused in this process (no interpreter start per refusal)."""
-    status, err = run_script("train.py", [*TINY, f"hydra.run.dir={run_dir}", *extra], monkeypatch, capfd,
-                             env={"CAPTIONER_ROOT": str(root), "WANDB_MODE": "disabled"})
+    status, err = run_script("train.py", [*TINY, f"hydra.run.dir={run_dir}", *extra],
+                             env={"CAPTIONER_ROOT": str(root)})
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     return errors[0]
 
 
 @pytest.mark.e2e
-def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tiny_root, tmp_path, monkeypatch,
-                                                                           capfd):
+def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tiny_root, tmp_path):
     run, outside = tmp_path / "run", tmp_path / "outside"
     outside.mkdir()
     r = _train(tiny_root, run, "trainer.max_epochs=2")
@@ -77,23 +77,20 @@ def test_a_runs_files_survive_a_failed_resume_a_full_disk_and_planted_links(tiny
 
     # a resume from a truncated last.ckpt fails with one message, and the run's history is left byte for byte
     last.write_bytes(first["last"][: len(first["last"]) // 2])
-    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", monkeypatch=monkeypatch,
-                          capfd=capfd)
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last")
     assert str(last) in error
     assert history.read_bytes() == first["history"]
     last.write_bytes(first["last"])
 
     # resumes refused before training: other model settings than the checkpoint's, a checkpoint without its
     # training state (weights only); the history is untouched again
-    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", "decoder.hidden_dim=64",
-                          monkeypatch=monkeypatch, capfd=capfd)
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", "ckpt_path=last", "decoder.hidden_dim=64")
     assert str(last) in error and "decoder" in error and "same model/decoder/encoder/data settings" in error
     weights_only = tmp_path / "weights-only.ckpt"
     stripped = torch.load(last, weights_only=True, map_location="cpu")
     del stripped["optimizer_states"]
     torch.save(stripped, weights_only)
-    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", f"ckpt_path={weights_only}", monkeypatch=monkeypatch,
-                          capfd=capfd)
+    error = _refused_here(tiny_root, run, "trainer.max_epochs=3", f"ckpt_path={weights_only}")
     assert str(weights_only) in error and "no training state (optimizer_states missing)" in error
     assert history.read_bytes() == first["history"]
 

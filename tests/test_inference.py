@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, run_script
+from conftest import run_here, run_script
 
 TINY = ["debug=tiny"]
 
@@ -27,7 +27,7 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     out = root / "eval-greedy"
     # the same precision as the training run (model=dino_attention trains with bf16 autocast)
-    r = run_cli(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed",
+    r = run_here(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "trainer.precision=bf16-mixed",
               f"hydra.run.dir={out}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -38,37 +38,35 @@ def test_eval_reproduces_the_training_test_metrics_and_runs_beam_search(attentio
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
 
     beam = root / "eval-beam"
-    r = run_cli(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "decode.beam_size=3", "split=val",
+    r = run_here(["eval.py", f"ckpt_path={_best(run_dir)}", *TINY, "decode.beam_size=3", "split=val",
               f"hydra.run.dir={beam}"], root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((beam / "metrics.json").read_text())
     assert m["decode"]["beam_size"] == 3 and m["split"] == "val" and 0 <= m["test"]["bleu_4"] <= 1
 
 
-def _eval_here(root, args, monkeypatch, capfd):
+def _eval_here(root, args):
     """`python eval.py args...` in this process (no interpreter start): (exit status, stderr)."""
-    return run_script("eval.py", [*TINY, *args], monkeypatch, capfd,
-                      env={"CAPTIONER_ROOT": str(root), "WANDB_MODE": "disabled"})
+    return run_script("eval.py", [*TINY, *args], env={"CAPTIONER_ROOT": str(root)})
 
 
-def test_eval_never_overwrites_another_commands_outputs_unless_told(attention_run, tmp_path, monkeypatch, capfd):
+def test_eval_never_overwrites_another_commands_outputs_unless_told(attention_run, tmp_path):
     root, run_dir = attention_run
     before = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "predictions.jsonl")}
-    status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", f"hydra.run.dir={run_dir}"], monkeypatch, capfd)
+    status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", f"hydra.run.dir={run_dir}"])
     assert status == 2 and "overwrite=true" in err and "hydra.run.dir" in err
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     out = tmp_path / "eval"
     for _ in range(2):  # a second evaluation into its own earlier dir needs the same consent
-        status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", "overwrite=true", f"hydra.run.dir={out}"],
-                                 monkeypatch, capfd)
+        status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", "overwrite=true", f"hydra.run.dir={out}"])
         assert status == 0, err[-3000:]
     assert json.loads((out / "metrics.json").read_text())["images"] == 10
 
 
-def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run, monkeypatch, capfd):
+def test_eval_refuses_an_encoder_the_checkpoint_was_not_trained_on(attention_run):
     root, run_dir = attention_run
     status, err = _eval_here(root, [f"ckpt_path={_best(run_dir)}", "encoder=resnet50",
-                                    f"hydra.run.dir={root / 'eval-wrong'}"], monkeypatch, capfd)
+                                    f"hydra.run.dir={root / 'eval-wrong'}"])
     assert status == 2 and "Traceback" not in err
     assert "efficientnet_lite0" in err and "resnet50" in err
     assert not (root / "eval-wrong" / "metrics.json").exists()
@@ -83,7 +81,7 @@ def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention
     Image.new("RGB", (1, 1), (0, 0, 255)).save(images / "tiny.jpg")
     (images / "broken.jpg").write_bytes(b"this is not a jpeg")
     maps = tmp_path / "maps"
-    r = run_cli(["-m", "captioner.caption", "--ckpt", _best(run_dir), str(images), "--json", "--beam-size", "2",
+    r = run_here(["-m", "captioner.caption", "--ckpt", _best(run_dir), str(images), "--json", "--beam-size", "2",
               "--attention-maps", str(maps)], root)
     assert r.returncode == 1, r.stderr[-3000:]  # 1: some files skipped, the rest captioned
     assert "broken.jpg" in r.stderr and "not a readable image" in r.stderr
@@ -98,7 +96,7 @@ def test_caption_command_skips_a_broken_file_and_writes_attention_maps(attention
 def test_caption_command_samples_repeatably_and_blocks_trigrams(attention_run, tmp_path, monkeypatch, capsys):
     """--sample draws other captions for the same image (repeatable with --seed), --block-trigrams keeps every
     caption free of repeated trigrams, and flags that cannot work together are refused before any work. The
-    command's main() in this process (the entry point itself is run as a process above)."""
+    command's main() called directly (`python -m captioner.caption` is run above)."""
     from captioner.caption import main
 
     root, run_dir = attention_run
@@ -163,13 +161,13 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
 
 
 def test_caption_command_explains_a_missing_checkpoint(tmp_path):
-    r = run_cli(["-m", "captioner.caption", "--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path)], tmp_path)
+    r = run_here(["-m", "captioner.caption", "--ckpt", str(tmp_path / "nope.ckpt"), str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
 def test_a_diverging_training_stops_with_a_message_naming_the_step(tiny_root, tmp_path):
     # lr=1e30: the first AdamW update throws every weight to ~1e30 and the next loss is NaN/inf
-    r = run_cli(["train.py", *TINY, "optimizer.lr=1e30", "loader.batch_size=8", "trainer.max_epochs=1",
+    r = run_here(["train.py", *TINY, "optimizer.lr=1e30", "loader.batch_size=8", "trainer.max_epochs=1",
               f"hydra.run.dir={tmp_path / 'run'}"], tiny_root)
     assert r.returncode != 0
     assert "training loss became" in r.stderr and "at step" in r.stderr and "ckpt_path=last" in r.stderr

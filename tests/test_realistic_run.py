@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_here
 
 # The recipe of the published Flickr8k scores, with the one encoder that works offline named on purpose; float32
 # throughout, so that the test, eval.py and captioner-caption (which decodes in float32) decode alike
@@ -20,7 +20,7 @@ def real_run(realistic_flickr8k, tmp_path_factory):
     """A short dino_attention run of the flickr8k recipe on the fixture: (work root, run dir, metrics.json)."""
     root = tmp_path_factory.mktemp("realistic")
     run_dir = root / "run"
-    r = run_cli(["train.py", *RECIPE, f"data.root={realistic_flickr8k}", f"hydra.run.dir={run_dir}"], root)
+    r = run_here(["train.py", *RECIPE, f"data.root={realistic_flickr8k}", f"hydra.run.dir={run_dir}"], root)
     assert r.returncode == 0, r.stderr[-4000:]
     return root, run_dir, json.loads((run_dir / "metrics.json").read_text())
 
@@ -90,7 +90,7 @@ def test_eval_with_the_python_tokenizer_gives_the_same_numbers_and_val_matches_s
     common = ["eval.py", f"ckpt_path={m['best_checkpoint']}", "data=flickr8k", f"data.root={realistic_flickr8k}",
               "decode.beam_size=3", "logger=csv", "features.num_workers=0", "trainer.precision=32-true"]
     out = root / "eval-python"
-    r = run_cli([*common, "metrics.tokenizer=python", f"hydra.run.dir={out}"], root)
+    r = run_here([*common, "metrics.tokenizer=python", f"hydra.run.dir={out}"], root)
     assert r.returncode == 0, r.stderr[-4000:]
     ev = json.loads((out / "metrics.json").read_text())
     assert [p["hypothesis"] for p in _predictions(out)] == [p["hypothesis"] for p in _predictions(run_dir)]
@@ -99,7 +99,7 @@ def test_eval_with_the_python_tokenizer_gives_the_same_numbers_and_val_matches_s
             assert ev["test"][name] == pytest.approx(value, abs=1e-4), name
 
     val = root / "eval-val"
-    r = run_cli([*common, "split=val", "metrics.meteor=false", f"hydra.run.dir={val}"], root)
+    r = run_here([*common, "split=val", "metrics.meteor=false", f"hydra.run.dir={val}"], root)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((val / "metrics.json").read_text())["test"]["bleu_4"] == \
         pytest.approx(m["best_val_bleu_4"], abs=1e-6)
@@ -108,7 +108,7 @@ def test_eval_with_the_python_tokenizer_gives_the_same_numbers_and_val_matches_s
 def test_caption_cli_captions_the_photos_as_the_test_did(real_run):
     root, run_dir, m = real_run
     preds = _predictions(run_dir)
-    r = run_cli(["-m", "captioner.caption", "--ckpt", m["best_checkpoint"], "--json", "--beam-size", "3",
+    r = run_here(["-m", "captioner.caption", "--ckpt", m["best_checkpoint"], "--json", "--beam-size", "3",
               *[p["image_path"] for p in preds]], root)
     assert r.returncode == 0, r.stderr[-3000:]
     got = {json.loads(line)["file"]: json.loads(line)["caption"] for line in r.stdout.splitlines()}
@@ -121,7 +121,7 @@ def test_a_real_data_command_never_silently_swaps_the_encoder(realistic_flickr8k
     from captioner.config import compose
     from captioner.training import check_config
 
-    r = run_cli(["train.py", "data=flickr8k", f"data.root={realistic_flickr8k}", "model=dino_attention", "logger=csv",
+    r = run_here(["train.py", "data=flickr8k", f"data.root={realistic_flickr8k}", "model=dino_attention", "logger=csv",
               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
     assert r.returncode != 0
     assert "experiment=flickr8k" in r.stderr and "experiment=none" in r.stderr and "Traceback" not in r.stderr[-600:]

@@ -225,22 +225,22 @@ def _column(rows, key):
 
 @pytest.fixture(scope="module")
 def xe_run(tiny_root, tmp_path_factory):
-    from conftest import run_cli
+    from conftest import run_here
 
     run_dir = tmp_path_factory.mktemp("scst") / "xe"
-    r = run_cli(["train.py", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], tiny_root)
+    r = run_here(["train.py", *TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
 
 @pytest.mark.e2e
 def test_scst_stage_from_a_cross_entropy_run_then_resume(tiny_root, xe_run, tmp_path):
-    from conftest import run_cli
+    from conftest import run_here
 
     run_dir = tmp_path / "scst"
     args = ["train.py", *TINY, "stage=scst", f"init_from={xe_run}", "trainer.log_every_n_steps=1",
             f"hydra.run.dir={run_dir}"]
-    r = run_cli([*args, "trainer.max_epochs=1"], tiny_root)
+    r = run_here([*args, "trainer.max_epochs=1"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["stage"] == "scst" and m["selected_by"] == "val/cider" and m["best_val_bleu_4"] is None
@@ -258,7 +258,7 @@ def test_scst_stage_from_a_cross_entropy_run_then_resume(tiny_root, xe_run, tmp_
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 3
 
-    r = run_cli([*args, "trainer.max_epochs=2", "ckpt_path=last"], tiny_root)  # resume, one more epoch
+    r = run_here([*args, "trainer.max_epochs=2", "ckpt_path=last"], tiny_root)  # resume, one more epoch
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["epochs"] == 2 and m["stage"] == "scst"
@@ -284,8 +284,8 @@ def test_settings_of_the_stage_that_cannot_work_are_refused(overrides, message):
 
 @pytest.mark.e2e
 def test_scst_refuses_weights_that_do_not_fit(tiny_root, xe_run, tmp_path):
-    from conftest import run_cli
+    from conftest import run_here
 
-    r = run_cli(["train.py", *TINY, "stage=scst", f"init_from={xe_run}", "decoder=lstm", "model.name=other",
+    r = run_here(["train.py", *TINY, "stage=scst", f"init_from={xe_run}", "decoder=lstm", "model.name=other",
                  f"hydra.run.dir={tmp_path / 'c'}"], tiny_root)
     assert r.returncode == 2 and "cannot fine-tune from it" in r.stderr and "init_from" in r.stderr

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoders import MultiHeadAttention, ShowAttendTellDecoder, SoftAttention, TransformerDecoder
 from captioner.decoding import beam_search, greedy_decode
-from conftest import doubly_stochastic_reference, run_cli
+from conftest import doubly_stochastic_reference, run_here
 
 PAD, SOS, EOS = Vocabulary.pad_id, Vocabulary.sos_id, Vocabulary.eos_id
 V, D, GRID = 24, 32, (2, 3)  # 4 specials + 20 words; a 2x3 grid of 32-dim image tokens
@@ -382,7 +382,7 @@ def test_train_dino_sat_tiny_then_caption_with_attention_maps(tiny_root, tmp_pat
     from PIL import Image
 
     run_dir = tmp_path / "run"
-    r = run_cli(["train.py", "model=dino_sat", "debug=tiny", f"hydra.run.dir={run_dir}"], tiny_root)
+    r = run_here(["train.py", "model=dino_sat", "debug=tiny", f"hydra.run.dir={run_dir}"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["model"] == "dino_sat" and m["family"] == "attention" and m["encoder"] == "efficientnet_lite0"
@@ -397,7 +397,7 @@ def test_train_dino_sat_tiny_then_caption_with_attention_maps(tiny_root, tmp_pat
     images.mkdir()
     Image.new("RGB", (120, 90), (200, 30, 30)).save(images / "red.png")
     maps = tmp_path / "maps"
-    r = run_cli(["-m", "captioner.caption", "--ckpt", m["best_checkpoint"], str(images), "--json", "--beam-size", "2",
+    r = run_here(["-m", "captioner.caption", "--ckpt", m["best_checkpoint"], str(images), "--json", "--beam-size", "2",
                  "--attention-maps", str(maps)], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = [json.loads(line) for line in r.stdout.splitlines()]

@@ -5,15 +5,15 @@ import re
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 
 TINY = ["debug=tiny", "trainer.max_epochs=2", "metrics.meteor=true"]
 TEST_KEYS = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor", "object_accuracy",
              "relation_accuracy"}
 
 
-def run_train(*args, root, timeout=600, wandb_mode="disabled"):
-    return run_cli(["train.py", *args], root, timeout=timeout, env={"WANDB_MODE": wandb_mode})
+def run_train(*args, root, timeout=600, wandb_mode="disabled", run=run_here):
+    return run(["train.py", *args], root, timeout=timeout, env={"WANDB_MODE": wandb_mode})
 
 
 def check_metrics(path, model):
@@ -50,7 +50,8 @@ def test_multirun_over_the_five_variants(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     # as `make demo` runs it: two jobs side by side (hydra/launcher=parallel), the longest first
     r = run_train("-m", "hydra/launcher=parallel", f"model={','.join(models[::-1])}", *TINY, "metrics.meteor=false",
-                  f"hydra.sweep.dir={sweep}", "logger=wandb", root=tiny_root, timeout=900, wandb_mode="offline")
+                  f"hydra.sweep.dir={sweep}", "logger=wandb", root=tiny_root, timeout=900, wandb_mode="offline",
+                  run=run_cli)  # the jobs run in worker processes, which import the job function: a real __main__
     assert r.returncode == 0, r.stderr[-3000:]
     found = {json.loads(p.read_text())["model"]: p for p in sweep.glob("*/metrics.json")}
     assert set(found) == set(models)
@@ -105,7 +106,7 @@ def test_extraction_workers_auto_uses_only_idle_cores(monkeypatch):
 
 
 @pytest.mark.e2e
-def test_a_run_gives_the_same_numbers_whether_or_not_it_built_the_cache(tmp_path, monkeypatch, capfd):
+def test_a_run_gives_the_same_numbers_whether_or_not_it_built_the_cache(tmp_path, monkeypatch):
     """The first run of a fresh root builds the world and its feature cache (running the encoder's random init);
     the second finds them built. Both must train the same model: same losses, same metrics, same captions. So must
     a third whose features are held in memory (loader.resident=true): the same batches, gathered instead of read."""
@@ -116,7 +117,7 @@ def test_a_run_gives_the_same_numbers_whether_or_not_it_built_the_cache(tmp_path
     tables = []
     for name, extra in runs.items():
         status, err = run_script("train.py", ["debug=tiny", "model=dino_lstm", f"hydra.run.dir={tmp_path / name}",
-                                              *extra], monkeypatch, capfd)
+                                              *extra])
         assert status == 0, err[-2000:]
         rows = (tmp_path / name / "csv" / "metrics.csv").read_text().splitlines()
         tables.append(rows)
