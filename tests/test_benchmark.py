@@ -2,12 +2,9 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 from captioner.config import variants
-from conftest import REPO
+from conftest import REPO, run_here
 
 KEYS = ["extraction_vs_forward", "cached_speedup", "batched_beam_speedup", "rss_ratio_10x", "demo_sweep_seconds",
         "device", "captions_per_s"]
@@ -15,10 +12,7 @@ KEYS = ["extraction_vs_forward", "cached_speedup", "batched_beam_speedup", "rss_
 
 def test_benchmark_smoke_produces_every_figure(tmp_path):
     out = tmp_path / "benchmark.json"
-    env = dict(os.environ, WANDB_MODE="disabled")
-    r = subprocess.run([sys.executable, "experiments/benchmark.py", "--smoke", "--out", str(out),
-                        "--root", str(tmp_path / "root")], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_here(["experiments/benchmark.py", "--smoke", "--out", out, "--root", tmp_path / "root"])
     assert r.returncode == 0, r.stderr[-3000:]
     b = json.loads(out.read_text())
     assert set(KEYS) <= set(b)

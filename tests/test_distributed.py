@@ -10,13 +10,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 
 TINY = ["debug=tiny", "model=dino_lstm_init", "data.num_test=11"]  # 11: test shards of unequal size
 
 
-def _run(args, root, timeout=600, threads=None):
-    return run_cli(args, root, timeout=timeout, env={"OMP_NUM_THREADS": threads} if threads is not None else None)
+def _run(args, root, timeout=600, threads=None, processes=2):
+    """A command of the test as a user runs it: in processes of its own where it runs two (DDP, torchrun), else
+    in this one (run_here: the same result without a new interpreter's imports)."""
+    run = run_cli if processes == 2 else run_here
+    return run(args, root, timeout=timeout, env={"OMP_NUM_THREADS": threads} if threads is not None else None)
 
 
 # -- fast checks of the pieces ---------------------------------------------------------------------------------------
@@ -134,10 +137,11 @@ def test_eval_with_one_and_two_processes_gives_identical_metrics(ddp_run):
     root, run_dir, train = ddp_run
     ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
     results = {}
-    for name, extra in (("one", []), ("two", ["trainer=ddp_cpu"])):
+    for name, extra, processes in (("one", [], 1), ("two", ["trainer=ddp_cpu"], 2)):
         out = root / f"eval-{name}"
         # one torch thread per process in both runs: the comparison is about the sharding, not thread counts
-        r = _run(["eval.py", f"ckpt_path={ckpt}", *TINY, *extra, f"hydra.run.dir={out}"], root, threads=1)
+        r = _run(["eval.py", f"ckpt_path={ckpt}", *TINY, *extra, f"hydra.run.dir={out}"], root, threads=1,
+                 processes=processes)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
         m = json.loads((out / "metrics.json").read_text())
         preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -166,7 +170,8 @@ def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
     root, run_dir, _ = ddp_run
     m = json.loads((run_dir / "metrics.json").read_text())
     out = root / "eval-val"
-    r = _run(["eval.py", f"ckpt_path={m['best_checkpoint']}", *TINY, "split=val", f"hydra.run.dir={out}"], root)
+    r = _run(["eval.py", f"ckpt_path={m['best_checkpoint']}", *TINY, "split=val", f"hydra.run.dir={out}"], root,
+             processes=1)
     assert r.returncode == 0, r.stderr[-4000:]
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 10
@@ -178,7 +183,7 @@ def test_ddp_validation_bleu_is_that_of_the_whole_split(ddp_run):
 def test_a_local_multirun_refuses_ddp_jobs_with_the_fix(ddp_run, tmp_path):
     root = ddp_run[0]  # its data and feature cache: the job gets to the check at once
     r = _run(["train.py", "-m", "trainer=ddp_cpu", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-             root, timeout=300)
+             root, timeout=300, processes=1)  # the sweep's process refuses before any job starts its ranks
     assert r.returncode != 0
     assert "multirun" in r.stderr and "hydra/launcher=slurm" in r.stderr
 
@@ -201,8 +206,10 @@ def test_ranks_share_the_feature_extraction_and_the_cache_is_byte_identical(tmp_
     """`torchrun --nproc-per-node 2 -m captioner.prepare`: both processes encode (every other chunk) into one cache,
     byte-identical to a one-process extraction (one torch thread in both: the thread count may change the bits)."""
     digests = {}
-    for name, launcher in (("one", []), ("torchrun", ["-m", "torch.distributed.run", "--nproc-per-node", "2"])):
-        r = _run([*launcher, "-m", "captioner.prepare", *TINY], tmp_path / name, timeout=300, threads=1)
+    for name, launcher, processes in (("one", [], 1),
+                                      ("torchrun", ["-m", "torch.distributed.run", "--nproc-per-node", "2"], 2)):
+        r = _run([*launcher, "-m", "captioner.prepare", *TINY], tmp_path / name, timeout=300, threads=1,
+                 processes=processes)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
         digests[name] = _cache_digests(tmp_path / name)
         print(f"prepare with {name}: {r.seconds:.1f} s wall")

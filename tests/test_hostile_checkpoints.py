@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
 import sys
 import time
 import types
@@ -23,7 +22,7 @@ from PIL import Image
 from captioner.caption import main as caption_main
 from captioner.checkpoint import (CheckpointError, check_state_matches, construction_errors_reported,
                                   load_captioner)
-from conftest import REPO, run_script
+from conftest import REPO, run_here, run_script
 
 # Small decoders: the checkpoints are a few hundred kB and load in milliseconds.
 RECURRENT = ["decoder.embed_dim=16", "decoder.hidden_dim=32"]
@@ -505,9 +504,7 @@ def test_image_that_cannot_be_opened_for_reading_is_a_counted_skip(ckpts, tmp_pa
 # -- end to end: the real command ----------------------------------------------------------------------------------
 
 def _command(args, cwd):
-    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "captioner.caption", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_here(["-m", "captioner.caption", *args], cwd=cwd)
 
 
 @pytest.mark.e2e
@@ -570,12 +567,9 @@ def test_a_checkpoint_from_a_url_or_with_a_payload_never_runs_code(tmp_path, mon
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                              functools.partial(Handler, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = dict(os.environ, CAPTIONER_ROOT=str(tmp_path), WANDB_MODE="disabled")
     try:
         url = f"http://127.0.0.1:{server.server_port}/evil.ckpt"
-        r = subprocess.run([sys.executable, "train.py", f"ckpt_path={url}", "logger=csv",
-                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = run_here(["train.py", f"ckpt_path={url}", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "local files only" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not marker.exists()
         for ckpt in (url, f"file://{evil}", evil):  # eval.py and the caption CLI, in this process

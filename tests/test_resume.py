@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_here
 
 TINY = ["debug=tiny", "trainer.max_epochs=4", "model=dino_lstm_init", "decoder.dropout=0.0",
         "trainer.log_every_n_steps=1"]  # step rows too: the killed epoch leaves some
@@ -24,7 +24,7 @@ def _env(root):
 
 
 def _train(root, run_dir, *extra):
-    r = run_cli(["train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], root)
+    r = run_here(["train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], root)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text()), r
 

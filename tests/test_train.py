@@ -62,7 +62,7 @@ def test_multirun_over_the_five_variants(tiny_root, tmp_path):
     assert len(wandb_runs) == 5 and len(set(wandb_runs.values())) == 5
 
     # the comparison report over this sweep, as `make report` runs it
-    r = run_cli(["experiments/compare.py", sweep, "--bootstrap", "200", "--html-images", "3"], timeout=300)
+    r = run_here(["experiments/compare.py", sweep, "--bootstrap", "200", "--html-images", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     report = sweep / "report"
     md = (report / "report.md").read_text()

@@ -19,7 +19,7 @@ from captioner.config import compose
 from captioner.errors import ConfigError
 from captioner.training import check_config
 from captioner.wandb_logging import ValidationSamples, attention_images, run_summary, wandb_logger
-from conftest import run_cli
+from conftest import run_here
 
 
 def composed_mode(monkeypatch, env_value):
@@ -140,7 +140,7 @@ def summary_of(records) -> dict:
 @pytest.mark.e2e
 def test_an_offline_run_holds_the_samples_of_every_epoch_and_a_comparable_summary(tiny_root, tmp_path):
     run_dir, data_dir = tmp_path / "run", tmp_path / "wandb-data"
-    r = run_cli(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", "logger=wandb",
+    r = run_here(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", "logger=wandb",
                  "callbacks.val_samples.n=4", f"hydra.run.dir={run_dir}"], tiny_root,
                 env={"WANDB_MODE": "offline", "WANDB_DATA_DIR": data_dir})
     assert r.returncode == 0, r.stderr[-3000:]
