@@ -157,6 +157,8 @@ def run_here(args, root=None, *, timeout=None, env=None, cwd=REPO):
     try:
         with _own_output() as output, _logging_restored(), warnings.catch_warnings():
             try:
+                warnings.simplefilter("default")  # as in a new interpreter: to the command's stderr, once per place
+                warnings.showwarning = _warning_to_stderr
                 warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)  # -m of an imported module
                 if args[0] == "-m":
                     sys.argv = [args[1], *args[2:]]
@@ -187,6 +189,13 @@ def run_here(args, root=None, *, timeout=None, env=None, cwd=REPO):
     r = subprocess.CompletedProcess(args, status, output.stdout, output.stderr)
     r.seconds = time.perf_counter() - t0
     return r
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None):
+    import sys
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @contextmanager
