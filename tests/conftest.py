@@ -1,6 +1,6 @@
 """Shared fixtures: small shapes worlds and feature caches, built once per test session (`tiny_root`: the
-`debug=tiny` world and cache the end-to-end runs read), and the two ways to run a command: `run_script` in this
-process (through Hydra, no interpreter start) and `run_cli` in a separate one (DDP, launchers, kill -9)."""
+`debug=tiny` world and cache the end-to-end runs read), and the two ways to run a command: `run_here` in this
+process (no interpreter start) and `run_cli` in a separate one (DDP, launchers, kill -9)."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def run_here(args, root=None, *, timeout=None, env=None, cwd=REPO):
             try:
                 warnings.simplefilter("default")  # as in a new interpreter: to the command's stderr, once per place
                 warnings.showwarning = _warning_to_stderr
-                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)  # -m of an imported module
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)  # -m of a loaded module
                 if args[0] == "-m":
                     sys.argv = [args[1], *args[2:]]
                     sys.path.insert(0, str(cwd))
@@ -207,7 +207,7 @@ def _own_output():
     from types import SimpleNamespace
 
     output = SimpleNamespace(stdout="", stderr="")
-    streams = sys.stdout, sys.stderr
+    streams = ours = sys.stdout, sys.stderr
     for stream in streams:
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -239,15 +239,12 @@ def _logging_restored():
     job_logging writes <run dir>/train.log); the handlers it added are closed, the levels put back."""
     import logging
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    before = {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in loggers}
+    before = {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in _all_loggers()}
     try:
         yield
     finally:
         kept = {h for handlers, *_ in before.values() for h in handlers}
-        for logger in [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                               if isinstance(lg, logging.Logger)]:
+        for logger in _all_loggers():
             for handler in logger.handlers:
                 if handler not in kept and isinstance(handler, logging.FileHandler):
                     handler.close()
@@ -280,8 +277,8 @@ def tiny_attention_run(tiny_root, tmp_path_factory, lite0):
     run_dir = tmp_path_factory.mktemp("attention_run") / "run"
     weights = run_dir.parent / "lite0_copy.safetensors"
     save_file({k: v.contiguous() for k, v in lite0.trunk.state_dict().items()}, str(weights))
-    r = run_here(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny", f"encoder.weights={weights}",
-                 f"hydra.run.dir={run_dir}"], tiny_root)
+    r = run_here(["train.py", "model=dino_attention", "trainer.max_epochs=2", "debug=tiny",
+                  f"encoder.weights={weights}", f"hydra.run.dir={run_dir}"], tiny_root)
     assert r.returncode == 0, r.stderr[-3000:]
     return tiny_root, run_dir
 
@@ -292,15 +289,20 @@ def run_script(script: str, args, env=None) -> tuple[int, str]:
     return r.returncode, r.stderr
 
 
+def _all_loggers() -> list:
+    import logging
+
+    return [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                    if isinstance(lg, logging.Logger)]
+
+
 def _unbind_log_handlers_from(*streams) -> None:
     """Log handlers made during a captured run (Lightning adds one when first imported) hold this test's capture
     stream, which is closed after it: point them at the real stderr (fd 2, captured again by later tests)."""
     import logging
     import sys
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    for logger in loggers:
+    for logger in _all_loggers():
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and any(handler.stream is s for s in streams):
                 handler.setStream(sys.__stderr__)
