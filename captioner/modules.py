@@ -72,6 +72,14 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, w
         optimizer, warmup_cosine(total_steps, int(warmup_fraction * total_steps), min_ratio))
 
 
+def lr_scale(rule: str, batch_size: int, base_batch_size: int) -> float:
+    """The factor `lr_scaling.rule` puts on optimizer.lr at an effective batch of `batch_size`: `sqrt` of the ratio to
+    `base_batch_size` (Adam's rule: Malladi et al. 2022, the noise scale of adaptive updates grows with the square
+    root of the batch), `linear` (SGD's: Goyal et al. 2017), or 1 for `none`."""
+    ratio = batch_size / base_batch_size
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
 def build_part(spec: Mapping[str, Any]) -> Callable:
     """A component's config as plain data (`_target_`, `_partial_: true`, settings; nested components alike) ->
     the factory Hydra builds from it. A checkpoint's spec is checked (captioner.checkpoint) before it gets here."""
@@ -348,14 +356,12 @@ class Captioner(L.LightningModule):
         return int(trainer.datamodule.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
 
     def lr_multiplier(self) -> float:
-        """What `lr_scaling` makes of optimizer.lr at this run's effective batch: `sqrt` of the ratio to
-        base_batch_size (Adam's rule: Malladi et al. 2022, the noise scale of adaptive updates grows with the
-        square root of the batch), `linear` (SGD's: Goyal et al. 2017), or none."""
+        """What `lr_scaling` makes of optimizer.lr at this run's effective batch (`lr_scale`)."""
         rule = self.lr_scaling.get("rule", "none")
         if rule == "none" or getattr(self.trainer, "datamodule", None) is None:
             return 1.0
         batch, base = self.effective_batch_size(), int(self.lr_scaling["base_batch_size"])
-        scale = batch / base if rule == "linear" else math.sqrt(batch / base)
+        scale = lr_scale(rule, batch, base)
         if scale != 1.0:
             log.info("learning rate x%.3g for an effective batch of %d (lr_scaling.rule=%s, base_batch_size=%d)",
                      scale, batch, rule, base)

@@ -15,7 +15,7 @@ import time
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from .config import command_main, resolve_decode, resolve_device, resolve_extraction_workers
+from .config import command_main, resolve_device, resolve_extraction_workers
 from .data import SPLITS, dataset_id, load_dataset
 from .encoders import EncoderSpec
 from .features import SOLO, ExtractionGroup, prepare_features
@@ -56,7 +56,7 @@ def prepare(cfg: DictConfig) -> int:
         {s: dataset.split(s) for s in SPLITS}, spec, cfg.paths.cache_dir, dataset_id(dataset),
         spatial=get_class(cfg.model._target_).feature == "spatial", batch_size=cfg.features.batch_size,
         num_workers=resolve_extraction_workers(cfg.features.num_workers, device), device=device, group=group,
-        decode=resolve_decode(cfg.features.decode, device))
+        decode=cfg.features.decode)  # auto is resolved by prepare_features, for the device above
     if group.rank != 0:
         return 0
     total = 0

@@ -29,6 +29,7 @@ for path in (REPO, REPO / "experiments"):  # the repo's package, and scst_study 
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from captioner.modules import lr_scale  # noqa: E402
 from captioner.report.runs import Run, find_runs  # noqa: E402
 from scst_study import SCORES, compare, delta_table, fmt, hydra_string  # noqa: E402
 
@@ -61,14 +62,10 @@ def render(results: dict, batch_size: int, rule: str, labels: tuple[str, str]) -
     lines += ["", *delta_table(results, "| variant | Δ test BLEU-4 [95% CI] | Δ test CIDEr-D [95% CI] | differs |")]
     lines += ["", f"Mean ± sd over seeds {', '.join(str(s) for s in next(iter(results.values()))['seeds'])}; the "
               f"same epochs on both sides. {large}: loader.batch_size={batch_size} with lr_scaling.rule={rule} (the "
-              f"learning rate x{scale(batch_size, rule):.3g}) and the same warm-up fraction; {small}: the study's "
+              f"learning rate x{lr_scale(rule, batch_size, 64):.3g}) and the same warm-up fraction; {small}: the study's "
               "runs. Δ = large - default, hierarchical bootstrap over test images (paired) and seeds; `differs`: the "
               "interval excludes 0. Training seconds on this machine (the sweep's runs shared it with each other)."]
     return "\n".join(lines) + "\n"
-
-
-def scale(batch_size: int, rule: str, base: int = 64) -> float:
-    return {"none": 1.0, "linear": batch_size / base, "sqrt": (batch_size / base) ** 0.5}[rule]
 
 
 def main(argv=None) -> int:

@@ -114,10 +114,6 @@ class ResidentRows:
             data[a:a + len(rows)].copy_(torch.from_numpy(reader.read(rows).astype(np.float16, copy=False)))
         return cls(data)
 
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
     def __call__(self, rows) -> torch.Tensor:
         index = torch.as_tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         return self.data[index].float()
@@ -266,7 +262,7 @@ class ResidentBatches:
         for n, u, longest in plan:
             idx, images, caption_image = flat[pos:pos + n], flat[pos + n:pos + n + u], flat[pos + n + u:pos + 2 * n + u]
             pos += 2 * n + u
-            yield {"features": self.features.data[images].float(), "captions": self.tokens[idx, :longest],
+            yield {"features": self.features(images), "captions": self.tokens[idx, :longest],
                    "lengths": self.lengths[idx], "caption_image": caption_image, "image_rows": images}
 
 
